@@ -1,0 +1,61 @@
+"""The newest backup has its manifest, and the stored object still matches it byte for byte."""
+
+from __future__ import annotations
+
+import allure
+import pytest
+
+from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json
+from fixtures.targets import PgBackupTarget
+
+COMPLETENESS = Check(
+    "pg.backup.completeness",
+    "critical",
+    f"{RUNBOOK_BACKUP}#completeness",
+    "backups",
+    "postgres backup integrity",
+)
+
+pytestmark = pytest.mark.backups
+
+
+@COMPLETENESS
+def check_newest_backup_is_complete_and_intact(pg_target: PgBackupTarget) -> None:
+    allure.dynamic.title(f"{pg_target.name} newest backup has a manifest and matches it")
+    newest = pg_target.latest()
+    if newest is None:
+        COMPLETENESS.fail(pg_target.id, f"no backup objects in {pg_target.where}")
+    if newest.manifest_key is None:
+        COMPLETENESS.fail(
+            pg_target.id,
+            f"backup {newest.id} has no manifest: incomplete "
+            "(the run failed or is still uploading)",
+        )
+    if newest.data_key is None:
+        COMPLETENESS.fail(pg_target.id, f"backup {newest.id} has a manifest but no data object")
+    manifest = pg_target.manifest(newest)
+    attach_json("manifest summary", manifest.summary())
+    size, sha256 = pg_target.object_digest(newest)
+    want_size, want_sha = manifest.object["size"], manifest.object["sha256"]
+    attach_json(
+        "object re-read",
+        {
+            "key": newest.data_key,
+            "size": size,
+            "sha256": sha256,
+            "manifest_size": want_size,
+            "manifest_sha256": want_sha,
+        },
+    )
+    if size != want_size:
+        COMPLETENESS.fail(
+            pg_target.id,
+            f"backup {newest.id}: expected {want_size} bytes "
+            f"(manifest), found {size} (truncated or replaced)",
+        )
+    if sha256 != want_sha:
+        COMPLETENESS.fail(
+            pg_target.id,
+            f"backup {newest.id}: expected sha256 {want_sha[:16]}... "
+            f"(manifest), found {sha256[:16]}... (object corrupted)",
+        )

@@ -1,0 +1,104 @@
+"""Restore drill: the newest backup restores into the sandbox and matches its manifest."""
+
+from __future__ import annotations
+
+import allure
+import pytest
+
+from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json, attach_text, table
+from fixtures.targets import PgBackupTarget
+from opsdrill.backup import live_endpoint
+from opsdrill.errors import RefusedError
+from opsdrill.restore import DrillReport, guard_sandbox, sandbox_endpoint
+
+SANDBOX_GUARD = Check(
+    "pg.drill.sandbox_guard",
+    "blocker",
+    f"{RUNBOOK_BACKUP}#weekly-drill",
+    "backups",
+    "restore drill",
+)
+RESTORE = Check(
+    "pg.drill.restore", "critical", f"{RUNBOOK_BACKUP}#weekly-drill", "backups", "restore drill"
+)
+RTO = Check("pg.drill.rto", "normal", f"{RUNBOOK_BACKUP}#weekly-drill", "backups", "restore drill")
+DRIFT = Check(
+    "pg.drill.drift", "normal", f"{RUNBOOK_BACKUP}#weekly-drill", "backups", "restore drill"
+)
+
+pytestmark = [pytest.mark.backups, pytest.mark.drill]
+
+
+def _report(pg_target: PgBackupTarget, check: Check) -> DrillReport:
+    try:
+        return pg_target.drill()
+    except RefusedError as exc:
+        check.fail(pg_target.id, f"drill refused: {exc.message}")
+
+
+@SANDBOX_GUARD
+def check_sandbox_is_not_production(pg_target: PgBackupTarget) -> None:
+    allure.dynamic.title(f"{pg_target.name} drill sandbox is not the live server")
+    sandbox, _ = sandbox_endpoint(pg_target.inv, pg_target.name)
+    live = live_endpoint(pg_target.inv, pg_target.name)
+    try:
+        info = guard_sandbox(live, sandbox)
+    except RefusedError as exc:
+        SANDBOX_GUARD.fail(pg_target.id, exc.message)
+    attach_json("servers", {"live": live.where, "sandbox": sandbox.where, **info})
+
+
+@RESTORE
+def check_drill_restores_exactly(pg_target: PgBackupTarget) -> None:
+    allure.dynamic.title(f"{pg_target.name} newest backup restores and matches its manifest")
+    report = _report(pg_target, RESTORE)
+    allure.dynamic.parameter("backup", report.backup_id)
+    attach_json("manifest summary", report.manifest.summary())
+    attach_text("row counts: manifest vs restored", table(report.comparison.rows))
+    if report.notes:
+        attach_text("notes", "\n".join(report.notes))
+    if not report.comparison.exact:
+        shown = "; ".join(report.comparison.mismatches[:10])
+        more = len(report.comparison.mismatches) - 10
+        RESTORE.fail(
+            pg_target.id,
+            f"backup {report.backup_id} restored but differs from its "
+            f"manifest: {shown}" + (f"; ... {more} more" if more > 0 else ""),
+        )
+
+
+@RTO
+def check_drill_within_rto(pg_target: PgBackupTarget) -> None:
+    rto = pg_target.db.rto_minutes
+    allure.dynamic.title(f"{pg_target.name} restore drill finishes within {rto} min (RTO)")
+    report = _report(pg_target, RTO)
+    allure.dynamic.parameter("drill_seconds", round(report.total_seconds, 1))
+    attach_json(
+        "timings",
+        {
+            "restore_seconds": report.restore_seconds,
+            "verify_seconds": report.verify_seconds,
+            "total_seconds": report.total_seconds,
+            "rto_seconds": report.rto_seconds,
+        },
+    )
+    if not report.within_rto:
+        RTO.fail(
+            pg_target.id,
+            f"expected the drill within {rto} min (RTO), found {report.total_seconds / 60:.1f} min",
+        )
+
+
+@DRIFT
+def check_live_has_not_shrunk_since_backup(pg_target: PgBackupTarget) -> None:
+    allure.dynamic.title(
+        f"{pg_target.name} live tables have not shrunk suspiciously since the backup"
+    )
+    report = _report(pg_target, DRIFT)
+    attach_text("drift: backup vs live", table(report.drift.rows))
+    if report.drift.suspicious:
+        DRIFT.fail(
+            pg_target.id,
+            "live data shrank since backup "
+            f"{report.backup_id}: " + "; ".join(report.drift.suspicious[:10]),
+        )

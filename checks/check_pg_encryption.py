@@ -1,0 +1,69 @@
+"""The newest backup is OpenPGP-encrypted to exactly the inventory's recipients."""
+
+from __future__ import annotations
+
+import allure
+import pytest
+
+from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json
+from fixtures.targets import PgBackupTarget
+from opsdrill.gpg import GpgHome, inspect
+
+ENCRYPTION = Check(
+    "pg.backup.encryption",
+    "critical",
+    f"{RUNBOOK_BACKUP}#encryption",
+    "backups",
+    "postgres backup encryption",
+)
+
+pytestmark = pytest.mark.backups
+
+
+@ENCRYPTION
+def check_newest_backup_is_encrypted_to_recipients(pg_target: PgBackupTarget) -> None:
+    allure.dynamic.title(f"{pg_target.name} newest backup is encrypted to the backup key")
+    gpg_cfg = pg_target.inv.model.gpg
+    if not pg_target.db.encrypt or gpg_cfg is None:
+        pytest.skip(f"databases.{pg_target.name}.encrypt = false in the inventory")
+    newest = pg_target.latest_complete()
+    if newest is None:
+        ENCRYPTION.fail(pg_target.id, f"no complete backup in {pg_target.where}")
+    head = pg_target.object_head(newest)
+    with GpgHome() as home:
+        home.import_keys(
+            pg_target.inv.resolve_path(gpg_cfg.public_keys_file), what="gpg.public_keys_file"
+        )
+        expected = home.encryption_key_ids(gpg_cfg.recipients)
+        info = inspect(head, home)
+    want = {fpr: ids for fpr, ids in expected.items()}
+    attach_json(
+        "packets",
+        {
+            "object": newest.data_key,
+            "format": info.format,
+            "recipient_key_ids": info.recipient_key_ids,
+            "expected_key_ids": want,
+            "encrypted_data_packet": info.encrypted_data,
+        },
+    )
+    if info.format != "openpgp":
+        ENCRYPTION.fail(
+            pg_target.id,
+            f"backup {newest.id}: expected OpenPGP, found "
+            f"{info.format} data: the backup is stored unencrypted",
+        )
+    missing = [fpr for fpr, ids in want.items() if not set(ids) & set(info.recipient_key_ids)]
+    known = {k for ids in want.values() for k in ids}
+    unexpected = sorted(set(info.recipient_key_ids) - known)
+    if missing or unexpected:
+        ENCRYPTION.fail(
+            pg_target.id,
+            f"backup {newest.id}: expected recipients {sorted(want)}, found key ids "
+            f"{info.recipient_key_ids} (missing: {missing or 'none'}, "
+            f"unexpected: {unexpected or 'none'})",
+        )
+    if not info.encrypted_data:
+        ENCRYPTION.fail(
+            pg_target.id, f"backup {newest.id}: no encrypted data packet follows the key packets"
+        )

@@ -1,0 +1,205 @@
+"""``opsdrill backup``: pg_dump -> compress -> encrypt -> S3 multipart upload, streamed.
+
+Order of events, chosen so that nothing incomplete ever looks good:
+1. export a snapshot; pg_dump uses it and the manifest's counts are taken inside it;
+2. stream the dump into a multipart upload; any failed stage aborts the upload;
+3. check the stored object's size against what we sent;
+4. upload the manifest last. Only object + manifest together count as a backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from minio.error import S3Error
+
+from opsdrill import __version__, catalog
+from opsdrill.errors import OperationFailed, OpsdrillError
+from opsdrill.gpg import GpgHome
+from opsdrill.inventory import Database, Inventory
+from opsdrill.manifest import Manifest
+from opsdrill.pg import Endpoint, collect_stats, server_info
+from opsdrill.pipeline import HashingReader, Pipeline, Stage
+from opsdrill.progress import Progress
+from opsdrill.s3 import PART_SIZE, client
+from opsdrill.stack.postgres import pg_bindir
+
+COMPRESSORS = {
+    "zstd": (["zstd", "-q", "-c", "-T0"], 3),
+    "gzip": (["gzip", "-c"], 6),
+}
+
+
+def live_endpoint(inv: Inventory, name: str) -> Endpoint:
+    db = inv.database(name)
+    password = inv.secret(db.password_env) if db.password_env else None
+    return Endpoint.from_dsn(f"database {name}", db.dsn, password)
+
+
+def tool_versions(names: list[str]) -> dict[str, str]:
+    versions = {"opsdrill": __version__}
+    for name in names:
+        exe = str(pg_bindir() / name) if name.startswith("pg_") else shutil.which(name)
+        if not exe:
+            continue
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
+        versions[name] = (out.stdout or out.stderr).strip().splitlines()[0]
+    return versions
+
+
+def compress_stage(db: Database) -> Stage:
+    argv, default_level = COMPRESSORS[db.compression]
+    if db.compression == "gzip" and shutil.which("pigz"):
+        argv = ["pigz", "-c"]  # same format, uses every core
+    return Stage(
+        f"compress ({db.compression})", [*argv, f"-{db.compression_level or default_level}"]
+    )
+
+
+def run_backup(
+    inv: Inventory, name: str, *, now: datetime | None = None, progress: Progress | None = None
+) -> Manifest:
+    db = inv.database(name)
+    store_name, store = inv.store_for(name)
+    endpoint = live_endpoint(inv, name)
+    taken_at = (now or datetime.now(UTC)).replace(microsecond=0)
+    started = time.monotonic()
+    s3 = client(inv, store)
+    key = catalog.data_key(store, name, taken_at, db.compression, db.encrypt)
+    progress = progress or Progress(f"backup {name}")
+
+    with GpgHome() as home:
+        key_ids: dict[str, list[str]] = {}
+        if db.encrypt:
+            assert inv.model.gpg is not None
+            home.import_keys(
+                inv.resolve_path(inv.model.gpg.public_keys_file), what="gpg.public_keys_file"
+            )
+            key_ids = home.encryption_key_ids(inv.model.gpg.recipients)
+
+        snap_conn = endpoint.connect(autocommit=False)
+        try:
+            snap_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            snap_conn.read_only = True
+            server = server_info(snap_conn)
+            row = snap_conn.execute("SELECT pg_export_snapshot()").fetchone()
+            assert row is not None
+            snapshot = str(row[0])
+            stages = [
+                Stage(
+                    "pg_dump",
+                    [
+                        str(pg_bindir() / "pg_dump"),
+                        "--format=custom",
+                        "--compress=0",
+                        f"--snapshot={snapshot}",
+                        "--no-password",
+                    ],
+                    env=endpoint.libpq_env(),
+                ),
+                compress_stage(db),
+            ]
+            if db.encrypt:
+                stages.append(Stage("encrypt (gpg)", home.encrypt_argv(list(key_ids))))
+            with ThreadPoolExecutor(1) as pool:
+                stats_future = pool.submit(collect_stats, snap_conn, db.content_hashes)
+                pipeline = Pipeline(stages)
+                try:
+                    reader = HashingReader(pipeline, on_bytes=progress.add)
+                    _upload(s3, store.bucket, key, reader, name, db)
+                finally:
+                    pipeline.close()
+                    progress.done()
+                try:
+                    stats = stats_future.result()
+                except psycopg.Error as exc:
+                    _discard(s3, store.bucket, key)
+                    raise OperationFailed("manifest", f"counting rows failed: {exc}") from None
+        finally:
+            snap_conn.close()
+
+        stored = s3.stat_object(store.bucket, key)
+        if stored.size != reader.size:
+            _discard(s3, store.bucket, key)
+            raise OperationFailed(
+                "upload", f"stored object has {stored.size} bytes, sent {reader.size}"
+            )
+        assert inv.model.gpg is not None or not db.encrypt
+        manifest = Manifest(
+            id=catalog.backup_id(name, taken_at),
+            database=name,
+            taken_at=taken_at.isoformat(),
+            finished_at=datetime.now(UTC).replace(microsecond=0).isoformat()
+            if now is None
+            else taken_at.isoformat(),
+            object={
+                "key": key,
+                "store": store_name,
+                "bucket": store.bucket,
+                "size": reader.size,
+                "sha256": reader.sha256.hexdigest(),
+                "compression": db.compression,
+                "format": "pg_dump custom, uncompressed inside",
+                "encrypted": db.encrypt,
+                "recipients": sorted(key_ids),
+                "recipient_key_ids": sorted(k for ids in key_ids.values() for k in ids),
+            },
+            server=server,
+            tools=tool_versions(["pg_dump", db.compression, *(["gpg"] if db.encrypt else [])]),
+            tables=stats.tables,
+            sequences=stats.sequences,
+            large_objects=stats.large_objects,
+            duration_seconds=round(time.monotonic() - started, 3),
+        )
+    manifest_key = catalog.manifest_key(store, name, taken_at)
+    try:
+        body = manifest.to_json()
+        s3.put_object(
+            store.bucket, manifest_key, io.BytesIO(body), len(body), content_type="application/json"
+        )
+    except Exception as exc:
+        _discard(s3, store.bucket, key)
+        raise OperationFailed("manifest upload", _describe(exc)) from None
+    return manifest
+
+
+def _upload(s3: Any, bucket: str, key: str, reader: HashingReader, name: str, db: Database) -> None:
+    try:
+        s3.put_object(
+            bucket,
+            key,
+            reader,
+            length=-1,
+            part_size=PART_SIZE,
+            content_type="application/octet-stream",
+            metadata={
+                "opsdrill-database": name,
+                "opsdrill-compression": db.compression,
+                "opsdrill-encrypted": str(db.encrypt).lower(),
+            },
+        )
+    except OpsdrillError:
+        raise  # a pipeline stage failed; minio already aborted the multipart upload
+    except Exception as exc:
+        raise OperationFailed("upload", _describe(exc)) from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, S3Error):
+        return f"S3 error {exc.code}: {exc.message}"
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
+def _discard(s3: Any, bucket: str, key: str) -> None:
+    # Best effort: without a manifest the object is never counted as good anyway.
+    with contextlib.suppress(Exception):
+        s3.remove_object(bucket, key)

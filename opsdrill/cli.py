@@ -1,0 +1,303 @@
+"""Command line: the operations an operator runs from cron or during an outage.
+
+Exit codes: 0 success; 1 an operation or verification failed; 2 the configuration is
+wrong, a target could not be reached, or a safety guard refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from opsdrill import __version__
+from opsdrill.errors import ConfigError, OpsdrillError
+from opsdrill.inventory import Inventory, load
+from opsdrill.secrets import redact
+
+DEFAULT_STACK_DIR = ".opsdrill-stack"
+
+
+def _inventory(args: argparse.Namespace) -> Inventory:
+    return load(args.inventory)
+
+
+def _databases(inv: Inventory, only: str | None) -> list[str]:
+    if only:
+        inv.database(only)
+        return [only]
+    names = list(inv.model.databases)
+    if not names:
+        raise ConfigError(f"{inv.path}: no [databases.*] defined")
+    return names
+
+
+def cmd_inventory_check(args: argparse.Namespace) -> int:
+    inv = load(args.file)
+    m = inv.model
+    print(
+        f"{inv.path}: OK: inventory {m.name!r} ({m.environment}): "
+        f"{len(m.databases)} database(s), {len(m.stores)} store(s)"
+    )
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from opsdrill.stack import LocalStack
+
+    stack = LocalStack(Path(args.dir).resolve(), size_mb=getattr(args, "size_mb", 8))
+    if args.stack_command == "up":
+        path = stack.up()
+        print(f"local stack up: inventory {path}")
+        if args.backup:
+            from opsdrill.backup import run_backup
+
+            inv = load(path)
+            for name in inv.model.databases:
+                manifest = run_backup(inv, name)
+                print(f"backup {manifest.id}: {manifest.object['size']} bytes")
+        return 0
+    if args.stack_command == "down":
+        stack.down()
+        print(f"local stack in {stack.base} stopped and removed")
+        return 0
+    status = stack.status()
+    if not status:
+        print(f"no local stack in {stack.base}")
+        return 1
+    for name, state in status.items():
+        print(f"{name}: {state}")
+    return 0 if all(s == "running" for s in status.values()) else 1
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from opsdrill.backup import run_backup
+
+    inv = _inventory(args)
+    for name in _databases(inv, args.database):
+        manifest = run_backup(inv, name)
+        print(
+            f"backup {manifest.id}: {manifest.object['size']} bytes, "
+            f"sha256 {manifest.object['sha256'][:16]}..., "
+            f"{sum(t['rows'] for t in manifest.tables.values())} rows in "
+            f"{len(manifest.tables)} tables, {manifest.duration_seconds:.1f}s "
+            f"-> {manifest.object['key']}"
+        )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from opsdrill import catalog
+    from opsdrill.s3 import client
+
+    inv = _inventory(args)
+    for name in _databases(inv, args.database):
+        _, store = inv.store_for(name)
+        for ref in catalog.list_backups(client(inv, store), store, name):
+            state = "complete" if ref.complete else "INCOMPLETE (no manifest)"
+            print(f"{ref.id}  {ref.taken_at:%Y-%m-%d %H:%M:%SZ}  {ref.size:>12}  {state}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from opsdrill.prune import prune
+
+    inv = _inventory(args)
+    for name in _databases(inv, args.database):
+        for decision in prune(inv, name, dry_run=args.dry_run):
+            verb = "keep  " if decision.keep else ("would delete" if args.dry_run else "delete")
+            print(f"{verb} {decision.backup.id}: {decision.reason}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from opsdrill import restore
+
+    inv = _inventory(args)
+    if args.drill:
+        report = restore.drill(inv, args.database, backup_id=args.backup)
+        print(drill_summary(report))
+        return 0 if report.ok else 1
+    return restore_interactive(inv, args)
+
+
+def drill_summary(report: object) -> str:
+    from opsdrill.restore import DrillReport
+
+    assert isinstance(report, DrillReport)
+    lines = [
+        f"drill {report.database}: backup {report.backup_id} restored into sandbox "
+        f"{report.sandbox} in {report.restore_seconds:.1f}s, verified in "
+        f"{report.verify_seconds:.1f}s, total {report.total_seconds:.1f}s "
+        f"(RTO {report.rto_seconds:.0f}s: {'met' if report.within_rto else 'MISSED'})",
+        f"manifest match: {'exact' if report.comparison.exact else 'MISMATCH'} "
+        f"({len(report.manifest.tables)} tables, {len(report.manifest.sequences)} sequences)",
+    ]
+    lines += [f"  mismatch: {m}" for m in report.comparison.mismatches]
+    lines += [f"  note: {n}" for n in report.notes]
+    lines += [f"  drift: {s}" for s in report.drift.suspicious]
+    return "\n".join(lines)
+
+
+def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
+    """A production restore: into a NEW database, the old one kept for swapping back."""
+    from opsdrill import restore
+    from opsdrill.pg import Endpoint
+
+    db = inv.database(args.database)
+    ref, manifest = restore.pick_backup(inv, args.database, args.backup)
+    password_env = args.into_password_env or db.password_env
+    password = inv.secret(password_env) if password_env else None
+    server = Endpoint.from_dsn("restore target", args.into, password)
+    new_name = args.new_name or (
+        f"{server.dbname if args.into_is_db else args.database}"
+        f"_restored_{datetime.now(UTC):%Y%m%d%H%M}"
+    )
+    print(
+        f"Backup:   {ref.id} (taken {manifest.taken_at}, {manifest.object['size']} bytes, "
+        f"{sum(t['rows'] for t in manifest.tables.values())} rows)"
+    )
+    print(f"Target:   new database {new_name!r} on {server.where.rsplit('/', 1)[0]}")
+    print("Existing databases are not touched; swap names yourself once verified.")
+    if args.confirm is not None:
+        if args.confirm != args.database:
+            raise ConfigError(
+                f"--confirm {args.confirm!r} does not match --database {args.database!r}"
+            )
+    elif not sys.stdin.isatty():
+        raise ConfigError(
+            "refusing a production restore without a terminal "
+            f"(fix: run interactively, or pass --confirm {args.database})"
+        )
+    else:
+        typed = input(f"Type the database name ({args.database}) to proceed: ").strip()
+        if typed != args.database:
+            print("Not confirmed; nothing was changed.")
+            return 1
+    maintenance = server.with_dbname(server.dbname if not args.into_is_db else "postgres")
+    restore.create_database(maintenance, new_name)
+    result = restore.restore_into(
+        inv,
+        args.database,
+        ref,
+        manifest,
+        maintenance.with_dbname(new_name),
+        jobs=db.restore_jobs,
+        keep_owners=not args.no_owner,
+    )
+    print(f"Restored {ref.id} into {new_name} in {result.seconds:.1f}s.")
+    print(
+        "Verify it (opsdrill restore --drill compares counts), then swap, e.g.:\n"
+        f"  ALTER DATABASE {args.database} RENAME TO {args.database}_old;\n"
+        f"  ALTER DATABASE {new_name} RENAME TO {args.database};"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opsdrill",
+        description="Back up, prune and restore PostgreSQL off-site, and prove it works. "
+        "Exit codes: 0 ok, 1 failed, 2 configuration/unreachable/refused.",
+    )
+    p.add_argument("--version", action="version", version=f"opsdrill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    inv = sub.add_parser("inventory", help="inspect an inventory file")
+    inv_sub = inv.add_subparsers(dest="inventory_command", required=True)
+    chk = inv_sub.add_parser("check", help="validate an inventory without touching any target")
+    chk.add_argument("file")
+    chk.set_defaults(func=cmd_inventory_check)
+
+    st = sub.add_parser("stack", help="the local stack: real servers on 127.0.0.1")
+    st_sub = st.add_subparsers(dest="stack_command", required=True)
+    up = st_sub.add_parser("up", help="start servers, write DIR/inventory.toml, return")
+    up.add_argument("--dir", default=DEFAULT_STACK_DIR)
+    up.add_argument("--size-mb", type=int, default=8, help="demo CRM database size")
+    up.add_argument("--backup", action="store_true", help="take a first backup once up")
+    down = st_sub.add_parser("down", help="stop the servers by PID and remove DIR")
+    down.add_argument("--dir", default=DEFAULT_STACK_DIR)
+    status = st_sub.add_parser("status", help="show which servers run")
+    status.add_argument("--dir", default=DEFAULT_STACK_DIR)
+    st.set_defaults(func=cmd_stack)
+
+    def with_inventory(sp: argparse.ArgumentParser, db_required: bool = False) -> None:
+        sp.add_argument("--inventory", "-i", required=True, help="inventory TOML file")
+        sp.add_argument(
+            "--database",
+            "-d",
+            required=db_required,
+            help="database name in the inventory (default: all)",
+        )
+
+    b = sub.add_parser("backup", help="pg_dump | compress | gpg -> S3, with a manifest")
+    with_inventory(b)
+    b.set_defaults(func=cmd_backup)
+
+    ls = sub.add_parser("list", help="list backups in the off-site store")
+    with_inventory(ls)
+    ls.set_defaults(func=cmd_list)
+
+    pr = sub.add_parser("prune", help="apply the retention policy (hourly + daily tiers)")
+    with_inventory(pr)
+    pr.add_argument("--dry-run", action="store_true", help="print keep/delete with reasons")
+    pr.set_defaults(func=cmd_prune)
+
+    rs = sub.add_parser("restore", help="restore a backup: --drill into the sandbox, or --into")
+    with_inventory(rs, db_required=True)
+    mode = rs.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--drill",
+        action="store_true",
+        help="restore into the sandbox, verify against the manifest, drop it",
+    )
+    mode.add_argument(
+        "--into", metavar="DSN", help="server to restore onto (a NEW database is created there)"
+    )
+    rs.add_argument("--backup", metavar="ID", help="backup id (default: newest complete)")
+    rs.add_argument(
+        "--into-password-env",
+        metavar="VAR",
+        help="env var with the target's password (default: the database's)",
+    )
+    rs.add_argument("--new-name", help="name of the database to create (default: DB_restored_TS)")
+    rs.add_argument(
+        "--confirm", metavar="DB", help="non-interactive confirmation: must equal --database"
+    )
+    rs.add_argument(
+        "--no-owner",
+        action="store_true",
+        help="do not restore ownership (roles missing on the target)",
+    )
+    rs.set_defaults(func=cmd_restore, into_is_db=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except OpsdrillError as exc:
+        print(f"opsdrill: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("opsdrill: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last line of defence: never print a secret in a traceback
+        print(f"opsdrill: unexpected {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        if os.environ.get("OPSDRILL_DEBUG"):
+            raise
+        return 1
+
+
+def _json(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The inventory: a TOML file naming every target opsdrill verifies or operates on.
+
+Secrets are never in the file; it names the environment variables that hold them
+(``password_env = "CRM_DB_PASSWORD"``). Loading validates the whole file up front and
+reports every problem at once, naming the file, the key and the fix, so an operator never
+meets a half-started run. Structural validation is pydantic's; we only reword its errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from opsdrill.errors import ConfigError
+from opsdrill.secrets import SecretMissing, resolve_env
+
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class _Model(BaseModel):
+    model_config = _STRICT
+
+
+class Store(_Model):
+    """An S3-compatible bucket (MinIO in production, moto in the local stack)."""
+
+    endpoint: str = Field(description="host:port of the S3 API")
+    bucket: str = Field(min_length=3)
+    prefix: str = ""
+    secure: bool = True
+    region: str = "us-east-1"
+    access_key_env: str = Field(pattern=ENV_NAME_PATTERN)
+    secret_key_env: str = Field(pattern=ENV_NAME_PATTERN)
+    ca_file: str | None = None
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _no_scheme(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError("endpoint is host:port without a scheme; use secure = true/false")
+        return value
+
+
+class Gpg(_Model):
+    recipients: list[str] = Field(min_length=1, description="OpenPGP fingerprints")
+    public_keys_file: str
+    drill_private_key_file: str | None = None
+    drill_passphrase_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
+
+    @field_validator("recipients")
+    @classmethod
+    def _fingerprints(cls, value: list[str]) -> list[str]:
+        cleaned = [v.replace(" ", "").upper() for v in value]
+        for fpr in cleaned:
+            if len(fpr) not in (40, 64) or any(c not in "0123456789ABCDEF" for c in fpr):
+                raise ValueError(f"{fpr!r} is not a full OpenPGP fingerprint (40 hex digits)")
+        return cleaned
+
+
+class Retention(_Model):
+    hourly_days: int = Field(default=7, ge=1)
+    daily_days: int = Field(default=30, ge=1)
+
+
+class Sandbox(_Model):
+    """Where drills restore: a throwaway server, never production."""
+
+    dsn: str
+    password_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
+    max_shrink_percent: float = Field(default=10.0, ge=0, le=100)
+
+
+class Database(_Model):
+    dsn: str = Field(description="libpq URI or key=value string, without a password")
+    password_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
+    store: str | None = None
+    rpo_minutes: int = Field(default=60, ge=1)
+    rto_minutes: int = Field(default=60, ge=1)
+    compression: Literal["zstd", "gzip"] = "zstd"
+    compression_level: int | None = Field(default=None, ge=1, le=19)
+    encrypt: bool = True
+    content_hashes: bool = False
+    restore_jobs: int = Field(default=2, ge=1, le=64)
+    sandbox: Sandbox | None = None
+
+
+class InventoryModel(_Model):
+    name: str = "default"
+    environment: str = "production"
+    env_file: str | None = None
+    stores: dict[str, Store] = Field(default_factory=dict)
+    gpg: Gpg | None = None
+    retention: Retention = Retention()
+    databases: dict[str, Database] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A validated inventory plus where it came from (relative paths resolve against it)."""
+
+    path: Path
+    model: InventoryModel
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def secret(self, var: str) -> str:
+        """A secret named by this inventory (resolved and checked at load time)."""
+        try:
+            return self.secrets[var]
+        except KeyError:
+            raise ConfigError(
+                f"environment variable {var} is not set (fix: export {var}=...)"
+            ) from None
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def database(self, name: str) -> Database:
+        try:
+            return self.model.databases[name]
+        except KeyError:
+            known = ", ".join(sorted(self.model.databases)) or "none"
+            raise ConfigError(
+                f"{self.path}: no database {name!r} (inventory has: {known})"
+            ) from None
+
+    def store_for(self, db_name: str) -> tuple[str, Store]:
+        store_name = self.database(db_name).store or next(iter(self.model.stores))
+        return store_name, self.model.stores[store_name]
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+def _fix_hint(loc: str, err_type: str) -> str:
+    if err_type == "extra_forbidden":
+        return "remove it or check its spelling"
+    if err_type == "missing":
+        return "add it"
+    return "correct the value"
+
+
+def _format_validation(path: Path, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        found = err.get("input")
+        shown = (
+            "" if err["type"] in ("missing",) or isinstance(found, dict) else f", found {found!r}"
+        )
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {loc}: {msg}{shown} (fix: {_fix_hint(loc, err['type'])})")
+    return lines
+
+
+def _cross_checks(path: Path, model: InventoryModel) -> list[str]:
+    problems = []
+    for name, db in model.databases.items():
+        for label, dsn in (("dsn", db.dsn), ("sandbox.dsn", db.sandbox.dsn if db.sandbox else "")):
+            if dsn and _dsn_has_password(dsn):
+                problems.append(
+                    f"{path}: databases.{name}.{label}: contains a password "
+                    "(fix: remove it and name an environment variable in password_env)"
+                )
+        if db.store is not None and db.store not in model.stores:
+            problems.append(
+                f"{path}: databases.{name}.store: no store {db.store!r} "
+                f"(fix: use one of {sorted(model.stores)})"
+            )
+        if db.store is None and len(model.stores) != 1:
+            problems.append(
+                f"{path}: databases.{name}.store: missing, and the inventory has "
+                f"{len(model.stores)} stores (fix: name the off-site store to use)"
+            )
+        if db.encrypt and model.gpg is None:
+            problems.append(
+                f"{path}: databases.{name}: encrypt = true needs a [gpg] section "
+                "(fix: add [gpg] recipients, or set encrypt = false explicitly)"
+            )
+    return problems
+
+
+def _dsn_has_password(dsn: str) -> bool:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return bool(conninfo_to_dict(dsn).get("password"))
+    except Exception:  # a malformed DSN is reported when first used; never echo it here
+        return False
+
+
+def _env_refs(model: InventoryModel) -> list[tuple[str, str]]:
+    refs: list[tuple[str, str]] = []
+    for name, store in model.stores.items():
+        refs += [
+            (f"stores.{name}.access_key_env", store.access_key_env),
+            (f"stores.{name}.secret_key_env", store.secret_key_env),
+        ]
+    for name, db in model.databases.items():
+        if db.password_env:
+            refs.append((f"databases.{name}.password_env", db.password_env))
+        if db.sandbox and db.sandbox.password_env:
+            refs.append((f"databases.{name}.sandbox.password_env", db.sandbox.password_env))
+    if model.gpg and model.gpg.drill_passphrase_env:
+        refs.append(("gpg.drill_passphrase_env", model.gpg.drill_passphrase_env))
+    return refs
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a KEY=VALUE file (comments and blank lines allowed, optional quotes)."""
+    values: dict[str, str] = {}
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ")
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Inventory:
+    """Validate the inventory and resolve that every secret it names is present."""
+    p = Path(path)
+    try:
+        data: dict[str, Any] = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: inventory file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    try:
+        model = InventoryModel.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_format_validation(p, exc))) from None
+    problems = _cross_checks(p, model)
+    inv = Inventory(path=p.resolve(), model=model)
+    resolved: dict[str, str] = {}
+    env = dict(os.environ if environ is None else environ)
+    if model.env_file:
+        env_path = inv.resolve_path(model.env_file)
+        if not env_path.is_file():
+            problems.append(
+                f"{p}: env_file: {env_path} does not exist (fix: create it or remove env_file)"
+            )
+        else:
+            for key, value in read_env_file(env_path).items():
+                env.setdefault(key, value)
+    for key, var in _env_refs(model):
+        try:
+            value = resolve_env(var, env)
+        except SecretMissing:
+            problems.append(
+                f"{p}: {key}: environment variable {var} is not set (fix: export {var}=...)"
+            )
+            continue
+        resolved[var] = value
+    for label, value in _file_refs(model):
+        if not inv.resolve_path(value).is_file():
+            problems.append(
+                f"{p}: {label}: file {inv.resolve_path(value)} not found (fix: correct the path)"
+            )
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return Inventory(path=inv.path, model=model, secrets=resolved)
+
+
+def _file_refs(model: InventoryModel) -> list[tuple[str, str]]:
+    refs: list[tuple[str, str]] = []
+    if model.gpg:
+        refs.append(("gpg.public_keys_file", model.gpg.public_keys_file))
+        if model.gpg.drill_private_key_file:
+            refs.append(("gpg.drill_private_key_file", model.gpg.drill_private_key_file))
+    return refs

@@ -1,0 +1,160 @@
+"""PostgreSQL access: connections without DSN passwords, and snapshot statistics.
+
+Passwords travel as a separate connection keyword (psycopg) or as PGPASSWORD in a child's
+environment (pg_dump, pg_restore), never inside a DSN string or argv, so no error message
+or process listing can show them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from opsdrill.errors import ConfigError, TargetUnreachable
+
+CONNECT_TIMEOUT = 10
+# Make row::text deterministic across sessions so content hashes compare.
+STABLE_SESSION = (
+    "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';"
+    " SET extra_float_digits = 3; SET bytea_output = 'hex'; SET statement_timeout = 0"
+)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A server + database to connect to; the password is held apart from the DSN."""
+
+    label: str
+    params: dict[str, Any]
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_dsn(cls, label: str, dsn: str, password: str | None) -> Endpoint:
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError:
+            raise ConfigError(f"{label}: invalid DSN (check host, port, dbname syntax)") from None
+        params.pop("password", None)
+        params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        return cls(label, params, password)
+
+    def with_dbname(self, dbname: str) -> Endpoint:
+        return Endpoint(self.label, {**self.params, "dbname": dbname}, self.password)
+
+    @property
+    def dbname(self) -> str:
+        return str(self.params.get("dbname") or self.params.get("user") or "postgres")
+
+    @property
+    def where(self) -> str:
+        """Human-readable location, safe to print."""
+        host = self.params.get("host", "localhost")
+        port = self.params.get("port", 5432)
+        return f"{host}:{port}/{self.dbname}"
+
+    def connect(self, **kw: Any) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(**self.params, password=self.password, **kw)
+        except psycopg.OperationalError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TargetUnreachable(
+                f"{self.label} ({self.where}): cannot connect: {first}"
+            ) from None
+        return conn
+
+    def libpq_env(self) -> dict[str, str]:
+        """Environment for libpq client tools (pg_dump, pg_restore, psql)."""
+        mapping = {
+            "host": "PGHOST",
+            "port": "PGPORT",
+            "user": "PGUSER",
+            "dbname": "PGDATABASE",
+            "sslmode": "PGSSLMODE",
+            "sslrootcert": "PGSSLROOTCERT",
+            "connect_timeout": "PGCONNECT_TIMEOUT",
+            "application_name": "PGAPPNAME",
+        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        for key, var in mapping.items():
+            if key in self.params:
+                env[var] = str(self.params[key])
+        if self.password:
+            env["PGPASSWORD"] = self.password
+        return env
+
+
+@dataclass
+class SnapshotStats:
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sequences: dict[str, dict[str, Any]] = field(default_factory=dict)
+    large_objects: dict[str, Any] = field(default_factory=dict)
+
+
+TABLES_QUERY = """
+SELECT format('%I.%I', n.nspname, c.relname), n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+SEQUENCES_QUERY = """
+SELECT format('%I.%I', n.nspname, c.relname), n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'S'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+
+
+def collect_stats(conn: psycopg.Connection[Any], content_hashes: bool) -> SnapshotStats:
+    """Exact per-table row counts (and optional content hashes) as the snapshot sees them.
+
+    hashtextextended is internal to PostgreSQL: hashes compare only within one major
+    version, which holds for a drill restoring into the same major version.
+    """
+    stats = SnapshotStats()
+    conn.execute(STABLE_SESSION)
+    for name, schema, relname in conn.execute(TABLES_QUERY).fetchall():
+        ident = sql.Identifier(schema, relname)
+        if content_hashes:
+            q = sql.SQL(
+                "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {} t"
+            ).format(ident)
+            rows, digest = conn.execute(q).fetchone() or (0, "0")
+            stats.tables[name] = {"rows": int(rows), "content_hash": str(digest)}
+        else:
+            q = sql.SQL("SELECT count(*) FROM {}").format(ident)
+            row = conn.execute(q).fetchone()
+            stats.tables[name] = {"rows": int(row[0]) if row else 0}
+    for name, schema, relname in conn.execute(SEQUENCES_QUERY).fetchall():
+        q = sql.SQL("SELECT last_value, is_called FROM {}").format(sql.Identifier(schema, relname))
+        seq = conn.execute(q).fetchone()
+        assert seq is not None
+        stats.sequences[name] = {"last_value": int(seq[0]), "is_called": bool(seq[1])}
+    lo_query = "SELECT count(*) FROM pg_largeobject_metadata"
+    if content_hashes:
+        lo_query = (
+            "SELECT count(*), coalesce(sum(hashtextextended(lo_get(oid)::text, 0)), 0)::text"
+            " FROM pg_largeobject_metadata"
+        )
+    row = conn.execute(lo_query).fetchone()
+    stats.large_objects = {"count": int(row[0]) if row else 0}
+    if content_hashes and row:
+        stats.large_objects["content_hash"] = str(row[1])
+    return stats
+
+
+def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    row = conn.execute(
+        "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+        " (SELECT system_identifier::text FROM pg_control_system())"
+    ).fetchone()
+    assert row is not None
+    return {"version": row[0], "version_num": row[1], "system_identifier": row[2]}

@@ -1,0 +1,160 @@
+"""A chain of processes connected by OS pipes (``pg_dump | zstd | gpg``).
+
+Bytes flow kernel-to-kernel between stages; Python only reads the last stage's output
+(hashing it on the way to S3), so memory stays flat whatever the size. The reader refuses
+to report end-of-stream until every stage has exited 0: a consumer such as a multipart
+upload therefore sees an exception instead of a clean EOF, and aborts, when any stage
+failed. That is what keeps a broken backup from ever looking complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from opsdrill.errors import OperationFailed
+from opsdrill.secrets import redact
+
+STAGE_WAIT_SECONDS = 120
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+    env: dict[str, str] | None = field(default=None, repr=False)
+    pass_fds: tuple[int, ...] = ()
+    # exit codes that still mean success (e.g. none); anything else fails the stage
+    ok_codes: tuple[int, ...] = (0,)
+
+
+class Pipeline:
+    """Start stages; ``stdin`` feeds the first (bytes source or file object), stdout is ours."""
+
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        stdin: int | IO[bytes] | None = None,
+        stdout: int | IO[bytes] | None = subprocess.PIPE,
+    ) -> None:
+        self.stages = list(stages)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._errs: list[IO[bytes]] = []
+        prev: Any = stdin if stdin is not None else subprocess.DEVNULL
+        try:
+            for i, stage in enumerate(self.stages):
+                last = i == len(self.stages) - 1
+                err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+                self._errs.append(err)
+                proc = subprocess.Popen(
+                    stage.argv,
+                    stdin=prev,
+                    stdout=stdout if last else subprocess.PIPE,
+                    stderr=err,
+                    env=stage.env,
+                    pass_fds=stage.pass_fds,
+                    start_new_session=True,
+                )
+                if i > 0 and prev is not None and hasattr(prev, "close"):
+                    prev.close()  # the child holds it now; keep no copy so EOF propagates
+                prev = proc.stdout
+                self.procs.append(proc)
+        except OSError as exc:
+            self.kill()
+            raise OperationFailed(
+                stage.name, f"cannot start {stage.argv[0]}: {exc.strerror}"
+            ) from None
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        out = self.procs[-1].stdout
+        assert out is not None
+        return out
+
+    def stderr_of(self, index: int, limit: int = 2000) -> str:
+        err = self._errs[index]
+        err.seek(0)
+        text = err.read().decode(errors="replace").strip()
+        return redact(text[-limit:])
+
+    def wait(self, timeout: float = STAGE_WAIT_SECONDS) -> None:
+        """Wait for every stage; raise OperationFailed naming the first stage that failed."""
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.check()
+
+    def check(self) -> None:
+        # Report the earliest failing stage: later ones usually fail *because* of it.
+        for i, (stage, proc) in enumerate(zip(self.stages, self.procs, strict=True)):
+            code = proc.poll()
+            if code is None or code not in stage.ok_codes:
+                detail = self.stderr_of(i) or "no error output"
+                status = "did not finish" if code is None else f"exited {code}"
+                raise OperationFailed(stage.name, f"{stage.argv[0]} {status}: {detail}")
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, 9)
+        for proc in self.procs:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+
+    def close(self) -> None:
+        self.kill()
+        for proc in self.procs:
+            if proc.stdout:
+                proc.stdout.close()
+        for err in self._errs:
+            err.close()
+
+
+class HashingReader(io.RawIOBase):
+    """Reads a pipeline's output, hashing and counting; EOF only once every stage succeeded."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        on_bytes: Callable[[int], None] | None = None,
+        before_eof: Callable[[], None] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.on_bytes = on_bytes
+        self.before_eof = before_eof
+        self.finished = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.pipeline.stdout.read(size if size and size > 0 else 1024 * 1024)
+        if chunk:
+            self.sha256.update(chunk)
+            self.size += len(chunk)
+            if self.on_bytes:
+                self.on_bytes(len(chunk))
+            return chunk
+        if not self.finished:
+            self.pipeline.wait()
+            if self.before_eof:
+                self.before_eof()
+            self.finished = True
+        return b""
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)

@@ -1,0 +1,328 @@
+"""``opsdrill restore``: fetch, verify, decrypt, decompress, pg_restore; and the drill.
+
+The object streams from S3 through Python (hashing it) into ``gpg | zstd``. With
+``restore_jobs > 1`` the decompressed dump is spooled to a temporary file because
+``pg_restore -j`` needs a seekable input; with 1 job it streams straight into pg_restore
+and nothing touches local disk. The sha256 is compared with the manifest before a restore
+is declared good; a mismatch drops what was restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from psycopg import sql
+
+from opsdrill import catalog
+from opsdrill.backup import live_endpoint
+from opsdrill.catalog import BackupRef
+from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError, RefusedError
+from opsdrill.gpg import GpgHome
+from opsdrill.inventory import Inventory
+from opsdrill.manifest import Comparison, Drift, Manifest, compare, drift
+from opsdrill.pg import Endpoint, collect_stats, server_info
+from opsdrill.pipeline import Pipeline, Stage
+from opsdrill.progress import Progress
+from opsdrill.s3 import client
+from opsdrill.stack.postgres import pg_bindir
+
+CHUNK = 1024 * 1024
+DECOMPRESS = {"zstd": ["zstd", "-d", "-q", "-c"], "gzip": ["gzip", "-d", "-c"]}
+
+
+@dataclass
+class RestoreResult:
+    backup_id: str
+    target: str
+    bytes_fetched: int
+    seconds: float
+
+
+@dataclass
+class DrillReport:
+    database: str
+    backup_id: str
+    manifest: Manifest
+    sandbox: str
+    restore_seconds: float
+    verify_seconds: float
+    total_seconds: float
+    rto_seconds: float
+    comparison: Comparison
+    drift: Drift
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def within_rto(self) -> bool:
+        return self.total_seconds <= self.rto_seconds
+
+    @property
+    def ok(self) -> bool:
+        return self.comparison.exact and self.within_rto and not self.drift.suspicious
+
+
+def sandbox_endpoint(inv: Inventory, name: str) -> tuple[Endpoint, float]:
+    db = inv.database(name)
+    if db.sandbox is None:
+        raise ConfigError(
+            f"{inv.path}: databases.{name}.sandbox: missing (fix: add a [databases.{name}."
+            "sandbox] with the dsn of a throwaway server for drills)"
+        )
+    password = inv.secret(db.sandbox.password_env) if db.sandbox.password_env else None
+    return (
+        Endpoint.from_dsn(f"sandbox for {name}", db.sandbox.dsn, password),
+        db.sandbox.max_shrink_percent,
+    )
+
+
+def guard_sandbox(live: Endpoint, sandbox: Endpoint) -> dict[str, Any]:
+    """Refuse a sandbox that is the live server: by address, then by cluster identity.
+
+    The identity check (pg_control_system's system_identifier) also catches a live server
+    reached through another address, a DNS alias or a port forward.
+    """
+    same_addr = str(live.params.get("host")) == str(sandbox.params.get("host")) and str(
+        live.params.get("port", 5432)
+    ) == str(sandbox.params.get("port", 5432))
+    with live.connect(autocommit=True) as conn:
+        live_info = server_info(conn)
+    with sandbox.connect(autocommit=True) as conn:
+        sandbox_info = server_info(conn)
+    if same_addr or live_info["system_identifier"] == sandbox_info["system_identifier"]:
+        why = "same address" if same_addr else "same cluster (system identifier)"
+        raise RefusedError(
+            f"drill sandbox {sandbox.where} is the live server {live.where} ({why}); "
+            "a drill must never write to production (fix: point sandbox.dsn at a throwaway "
+            "server)"
+        )
+    return {"live": live_info, "sandbox": sandbox_info}
+
+
+def pick_backup(inv: Inventory, name: str, backup_id: str | None) -> tuple[BackupRef, Manifest]:
+    store_name, store = inv.store_for(name)
+    s3 = client(inv, store)
+    refs = catalog.list_backups(s3, store, name)
+    if backup_id:
+        matches = [r for r in refs if r.id == backup_id]
+        if not matches:
+            raise ConfigError(f"no backup {backup_id!r} for {name} in store {store_name}")
+        ref = matches[0]
+        if not ref.complete:
+            raise OperationFailed("select", f"backup {backup_id} is incomplete (no manifest)")
+    else:
+        found = catalog.latest_complete(refs)
+        if found is None:
+            raise OperationFailed("select", f"no complete backup of {name} in store {store_name}")
+        ref = found
+    return ref, catalog.read_manifest(s3, store, ref)
+
+
+def restore_into(
+    inv: Inventory,
+    name: str,
+    ref: BackupRef,
+    manifest: Manifest,
+    target: Endpoint,
+    *,
+    jobs: int,
+    keep_owners: bool,
+    progress: Progress | None = None,
+) -> RestoreResult:
+    """Restore one backup into ``target`` (an existing, empty database)."""
+    _, store = inv.store_for(name)
+    s3 = client(inv, store)
+    progress = progress or Progress(f"restore {ref.id}")
+    started = time.monotonic()
+    compression = manifest.object["compression"]
+    with GpgHome() as home, tempfile.TemporaryDirectory(prefix="opsdrill-restore-") as work:
+        stages: list[Stage] = []
+        pass_r: int | None = None
+        if manifest.object.get("encrypted"):
+            pass_r = _import_drill_key(inv, home)
+            stages.append(Stage("decrypt (gpg)", home.decrypt_argv(pass_r), pass_fds=(pass_r,)))
+        stages.append(Stage(f"decompress ({compression})", DECOMPRESS[compression]))
+        restore_argv = [
+            str(pg_bindir() / "pg_restore"),
+            "--exit-on-error",
+            "--no-password",
+            f"--dbname={target.dbname}",
+        ]
+        if not keep_owners:
+            restore_argv += ["--no-owner", "--no-privileges"]
+        spool = Path(work) / "dump"
+        if jobs == 1:
+            stages.append(Stage("pg_restore", restore_argv, env=target.libpq_env()))
+            sink: Any = None
+        else:
+            sink = spool.open("wb")
+        fetched = _stream_object(s3, store.bucket, ref, manifest, stages, sink, progress, pass_r)
+        if sink is not None:
+            sink.close()
+            progress.set_stage(f"pg_restore -j{jobs}")
+            pipe = Pipeline(
+                [
+                    Stage(
+                        "pg_restore",
+                        [*restore_argv, f"--jobs={jobs}", str(spool)],
+                        env=target.libpq_env(),
+                    )
+                ]
+            )
+            try:
+                pipe.wait(timeout=24 * 3600)
+            finally:
+                pipe.close()
+        progress.done()
+    return RestoreResult(ref.id, target.where, fetched, time.monotonic() - started)
+
+
+def _import_drill_key(inv: Inventory, home: GpgHome) -> int:
+    gpg = inv.model.gpg
+    if gpg is None or not gpg.drill_private_key_file:
+        raise ConfigError(
+            f"{inv.path}: gpg.drill_private_key_file: missing; an encrypted backup cannot be "
+            "restored without it (fix: point it at the armored private key)"
+        )
+    home.import_keys(
+        inv.resolve_path(gpg.drill_private_key_file), what="gpg.drill_private_key_file"
+    )
+    passphrase = inv.secret(gpg.drill_passphrase_env) if gpg.drill_passphrase_env else ""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, passphrase.encode() + b"\n")  # far below the pipe buffer size
+    os.close(write_fd)
+    return read_fd
+
+
+def _stream_object(
+    s3: Any,
+    bucket: str,
+    ref: BackupRef,
+    manifest: Manifest,
+    stages: list[Stage],
+    sink: Any,
+    progress: Progress,
+    pass_r: int | None,
+) -> int:
+    import hashlib
+    import subprocess
+
+    assert ref.data_key is not None
+    digest = hashlib.sha256()
+    size = 0
+    pipe = Pipeline(
+        stages, stdin=subprocess.PIPE, stdout=sink if sink is not None else subprocess.DEVNULL
+    )
+    if pass_r is not None:
+        os.close(pass_r)
+    try:
+        response = s3.get_object(bucket, ref.data_key)
+        feed = pipe.procs[0].stdin
+        assert feed is not None
+        try:
+            for chunk in response.stream(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                progress.add(len(chunk))
+                try:
+                    feed.write(chunk)
+                except BrokenPipeError:
+                    break  # a stage died; pipe.wait() below names it
+        finally:
+            response.close()
+            response.release_conn()
+            with contextlib.suppress(BrokenPipeError):
+                feed.close()
+        integrity = _integrity_error(manifest, size, digest.hexdigest())
+        try:
+            pipe.wait(timeout=24 * 3600)
+        except OperationFailed as exc:
+            if integrity:  # a corrupt object explains the stage failure better
+                raise OperationFailed("verify", integrity) from exc
+            raise
+        if integrity:
+            raise OperationFailed("verify", integrity)
+    finally:
+        pipe.close()
+    return size
+
+
+def _integrity_error(manifest: Manifest, size: int, sha256: str) -> str | None:
+    want_size, want_sha = manifest.object["size"], manifest.object["sha256"]
+    if size != want_size:
+        return f"object is {size} bytes, manifest says {want_size} (truncated or replaced)"
+    if sha256 != want_sha:
+        return f"object sha256 {sha256[:16]}... differs from manifest {want_sha[:16]}..."
+    return None
+
+
+def create_database(server: Endpoint, dbname: str) -> None:
+    with server.connect(autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname))
+        )
+
+
+def drop_database(server: Endpoint, dbname: str) -> None:
+    with server.connect(autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+        )
+
+
+def drill(
+    inv: Inventory, name: str, *, backup_id: str | None = None, progress: Progress | None = None
+) -> DrillReport:
+    """Restore into a throwaway database on the sandbox, verify exactly, measure, drop it."""
+    db = inv.database(name)
+    live = live_endpoint(inv, name)
+    sandbox, max_shrink = sandbox_endpoint(inv, name)
+    guard_sandbox(live, sandbox)
+    started = time.monotonic()
+    ref, manifest = pick_backup(inv, name, backup_id)
+    scratch = f"opsdrill_drill_{name}_{datetime.now(UTC):%Y%m%d%H%M%S}_{secrets.token_hex(3)}"
+    create_database(sandbox, scratch)
+    target = sandbox.with_dbname(scratch)
+    try:
+        result = restore_into(
+            inv,
+            name,
+            ref,
+            manifest,
+            target,
+            jobs=db.restore_jobs,
+            keep_owners=False,
+            progress=progress,
+        )
+        verify_started = time.monotonic()
+        hashes = any("content_hash" in t for t in manifest.tables.values())
+        with target.connect(autocommit=True) as conn:
+            restored = collect_stats(conn, hashes)
+        comparison = compare(manifest, restored)
+        verify_seconds = time.monotonic() - verify_started
+    finally:
+        with contextlib.suppress(OpsdrillError):
+            drop_database(sandbox, scratch)
+    with live.connect(autocommit=True) as conn:
+        live_stats = collect_stats(conn, content_hashes=False)
+    total = time.monotonic() - started
+    return DrillReport(
+        database=name,
+        backup_id=ref.id,
+        manifest=manifest,
+        sandbox=sandbox.where,
+        restore_seconds=result.seconds,
+        verify_seconds=verify_seconds,
+        total_seconds=total,
+        rto_seconds=db.rto_minutes * 60.0,
+        comparison=comparison,
+        drift=drift(manifest, live_stats, max_shrink),
+        notes=comparison.notes,
+    )

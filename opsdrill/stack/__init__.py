@@ -1,0 +1,216 @@
+"""The local stack: real servers on 127.0.0.1 that stand in for production.
+
+``LocalStack.up()`` starts every component, writes ``DIR/inventory.toml`` (plus a 0600
+``DIR/secrets.env`` it points at) and records PIDs in ``DIR/stack.json`` so that
+``down()`` from another process stops exactly what was started. Components are listed in
+one place (``_components``) so later servers (DNS, mail) slot in beside these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from opsdrill.stack.gnupg_keys import generate_keypair
+from opsdrill.stack.postgres import SUPERUSER, PgCluster
+from opsdrill.stack.s3server import S3Server
+
+STATE_FILE = "stack.json"
+INVENTORY_FILE = "inventory.toml"
+SECRETS_FILE = "secrets.env"
+DEMO_DB = "crm"
+BUCKET = "opsdrill-offsite"
+
+
+def _secret(label: str) -> str:
+    # Recognisable prefix lets leak tests scan output for any stack secret.
+    return f"opsdrill-{label}-{secrets.token_hex(12)}"
+
+
+@dataclass
+class LocalStack:
+    base: Path
+    size_mb: int = 8
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inventory_path(self) -> Path:
+        return self.base / INVENTORY_FILE
+
+    # -- lifecycle ---------------------------------------------------------------
+    def up(self) -> Path:
+        if (self.base / STATE_FILE).exists() and self.load_state() and self.any_running():
+            raise RuntimeError(f"a stack is already running in {self.base} (opsdrill stack down)")
+        self.base.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base, 0o755)  # the postgres user must traverse into it
+        started = time.monotonic()
+        creds = {
+            "OPSDRILL_LIVE_PG_PASSWORD": _secret("livepg"),
+            "OPSDRILL_SANDBOX_PG_PASSWORD": _secret("sandboxpg"),
+            "OPSDRILL_OFFSITE_ACCESS_KEY": _secret("s3access"),
+            "OPSDRILL_OFFSITE_SECRET_KEY": _secret("s3secret"),
+            "OPSDRILL_GPG_PASSPHRASE": _secret("gpgpass"),
+        }
+        live = PgCluster("live", self.base / "pg-live")
+        sandbox = PgCluster("sandbox", self.base / "pg-sandbox")
+        s3 = S3Server("offsite", self.base / "s3-offsite")
+        try:
+            live.init(creds["OPSDRILL_LIVE_PG_PASSWORD"])
+            sandbox.init(creds["OPSDRILL_SANDBOX_PG_PASSWORD"])
+            live.start()
+            self._record("pg_live", live)
+            sandbox.start()
+            self._record("pg_sandbox", sandbox)
+            s3.start()
+            self._record("s3_offsite", s3)
+            keys = generate_keypair(
+                self.base / "gpg", "opsdrill backup", creds["OPSDRILL_GPG_PASSPHRASE"]
+            )
+            self._seed(live, creds["OPSDRILL_LIVE_PG_PASSWORD"])
+            self._make_bucket(s3, creds)
+        except BaseException:
+            self.down()
+            raise
+        self._write_secrets(creds)
+        self._write_inventory(live, sandbox, s3, keys.fingerprint, keys)
+        self.state["started_seconds"] = round(time.monotonic() - started, 2)
+        self.state["versions"] = {"postgresql": live.version()}
+        self._save_state()
+        return self.inventory_path
+
+    def down(self) -> None:
+        """Stop in reverse start order, then remove the directory's data."""
+        self.load_state()
+        for name in reversed(list(self.state.get("components", {}))):
+            info = self.state["components"][name]
+            comp = self._component(name, info)
+            with contextlib.suppress(Exception):
+                comp.stop()
+        if self.base.exists():
+            shutil.rmtree(self.base, ignore_errors=True)
+        self.state = {}
+
+    def status(self) -> dict[str, str]:
+        self.load_state()
+        return {
+            name: self._component(name, info).status()
+            for name, info in self.state.get("components", {}).items()
+        }
+
+    def any_running(self) -> bool:
+        return any(v == "running" for v in self.status().values())
+
+    # -- internals -----------------------------------------------------------------
+    def _component(self, name: str, info: dict[str, Any]) -> PgCluster | S3Server:
+        cls = S3Server if info["kind"] == "s3" else PgCluster
+        return cls(info["name"], Path(info["base"]), port=info["port"], pid=info["pid"])
+
+    def _record(self, key: str, comp: PgCluster | S3Server) -> None:
+        kind = "s3" if isinstance(comp, S3Server) else "postgres"
+        self.state.setdefault("components", {})[key] = {
+            "kind": kind,
+            "name": comp.name,
+            "base": str(comp.base),
+            "port": comp.port,
+            "pid": comp.pid,
+        }
+        self._save_state()
+
+    def _save_state(self) -> None:
+        (self.base / STATE_FILE).write_text(json.dumps(self.state, indent=2))
+
+    def load_state(self) -> dict[str, Any]:
+        path = self.base / STATE_FILE
+        if path.exists():
+            self.state = json.loads(path.read_text())
+        return self.state
+
+    def _seed(self, live: PgCluster, password: str) -> None:
+        import psycopg
+
+        from opsdrill.stack.demo_crm import create_demo_crm
+
+        kw = {
+            "host": "127.0.0.1",
+            "port": live.port,
+            "user": SUPERUSER,
+            "password": password,
+            "connect_timeout": 10,
+        }
+        with psycopg.connect(dbname="postgres", autocommit=True, **kw) as conn:  # type: ignore[arg-type]
+            conn.execute(f"CREATE DATABASE {DEMO_DB}")
+        with psycopg.connect(dbname=DEMO_DB, **kw) as conn:  # type: ignore[arg-type]
+            create_demo_crm(conn, size_mb=self.size_mb)
+
+    def _make_bucket(self, s3: S3Server, creds: dict[str, str]) -> None:
+        from minio import Minio
+
+        client = Minio(
+            f"127.0.0.1:{s3.port}",
+            creds["OPSDRILL_OFFSITE_ACCESS_KEY"],
+            creds["OPSDRILL_OFFSITE_SECRET_KEY"],
+            secure=False,
+            region="us-east-1",
+        )
+        client.make_bucket(BUCKET)
+
+    def _write_secrets(self, creds: dict[str, str]) -> None:
+        path = self.base / SECRETS_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("# local stack secrets: generated, throwaway\n")
+            for key, value in creds.items():
+                fh.write(f"{key}={value}\n")
+
+    def _write_inventory(
+        self, live: PgCluster, sandbox: PgCluster, s3: S3Server, fingerprint: str, keys: Any
+    ) -> None:
+        inventory = {
+            "name": "local-stack",
+            "environment": "local",
+            "env_file": SECRETS_FILE,
+            "stores": {
+                "offsite": {
+                    "endpoint": f"127.0.0.1:{s3.port}",
+                    "bucket": BUCKET,
+                    "prefix": "pg",
+                    "secure": False,
+                    "access_key_env": "OPSDRILL_OFFSITE_ACCESS_KEY",
+                    "secret_key_env": "OPSDRILL_OFFSITE_SECRET_KEY",
+                    "timeout_seconds": 20.0,
+                }
+            },
+            "gpg": {
+                "recipients": [fingerprint],
+                "public_keys_file": str(keys.public_file.relative_to(self.base)),
+                "drill_private_key_file": str(keys.secret_file.relative_to(self.base)),
+                "drill_passphrase_env": "OPSDRILL_GPG_PASSPHRASE",
+            },
+            "retention": {"hourly_days": 7, "daily_days": 30},
+            "databases": {
+                DEMO_DB: {
+                    "dsn": f"postgresql://{SUPERUSER}@127.0.0.1:{live.port}/{DEMO_DB}",
+                    "password_env": "OPSDRILL_LIVE_PG_PASSWORD",
+                    "rpo_minutes": 60,
+                    "rto_minutes": 15,
+                    "content_hashes": True,
+                    "sandbox": {
+                        "dsn": f"postgresql://{SUPERUSER}@127.0.0.1:{sandbox.port}/postgres",
+                        "password_env": "OPSDRILL_SANDBOX_PG_PASSWORD",
+                    },
+                }
+            },
+        }
+        self.inventory_path.write_text(
+            "# Written by `opsdrill stack up`: the local stack's targets.\n"
+            + tomli_w.dumps(inventory)
+        )

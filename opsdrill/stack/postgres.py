@@ -1,0 +1,159 @@
+"""A throwaway PostgreSQL cluster from Debian's binaries, owned by the ``postgres`` user."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from opsdrill.stack.procs import (
+    as_service_user,
+    chown_to,
+    free_port,
+    pid_alive,
+    run,
+    stop_pid,
+)
+
+SERVICE_USER = "postgres"
+SUPERUSER = "opsdrill"
+# A throwaway cluster trades durability for speed; never used for real data.
+FAST_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "30min",
+    "shared_buffers": "128MB",
+    "maintenance_work_mem": "256MB",
+    "max_worker_processes": "8",
+}
+
+
+def pg_bindir() -> Path:
+    """Newest installed PostgreSQL (Debian keeps each major under /usr/lib/postgresql/N)."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4])
+    )
+    if found:
+        return Path(found[-1]).parent
+    which = shutil.which("pg_ctl")
+    if which:
+        return Path(which).parent
+    raise RuntimeError("PostgreSQL server binaries not found (fix: apt-get install postgresql-15)")
+
+
+@dataclass
+class PgCluster:
+    name: str
+    base: Path
+    port: int = 0
+    pid: int = 0
+
+    @property
+    def datadir(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def sockdir(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def logfile(self) -> Path:
+        return self.base / "postgres.log"
+
+    def init(self, password: str) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.sockdir.mkdir(exist_ok=True)
+        for p in (self.base, self.sockdir):
+            os.chmod(p, 0o755)
+            chown_to(p, SERVICE_USER)
+        pwfile = self.base / ".pw"
+        pwfile.write_text(password + "\n")
+        os.chmod(pwfile, 0o600)
+        chown_to(pwfile, SERVICE_USER)
+        try:
+            run(
+                as_service_user(
+                    [
+                        str(pg_bindir() / "initdb"),
+                        "-D",
+                        str(self.datadir),
+                        "-U",
+                        SUPERUSER,
+                        f"--pwfile={pwfile}",
+                        "--auth-host=scram-sha-256",
+                        "--auth-local=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                        "--locale=C.UTF-8",
+                        "--no-sync",
+                    ],
+                    SERVICE_USER,
+                ),
+                f"initdb for {self.name}",
+            )
+        finally:
+            pwfile.unlink()
+        conf = self.datadir / "postgresql.conf"
+        with conf.open("a") as fh:
+            fh.write("\n# opsdrill local stack\n")
+            for key, value in FAST_SETTINGS.items():
+                fh.write(f"{key} = '{value}'\n")
+
+    def start(self, attempts: int = 3) -> None:
+        last: Exception | None = None
+        for _ in range(attempts):
+            self.port = free_port()
+            opts = (
+                f"-c port={self.port} -c listen_addresses=127.0.0.1 "
+                f"-c unix_socket_directories={self.sockdir}"
+            )
+            try:
+                run(
+                    as_service_user(
+                        [
+                            str(pg_bindir() / "pg_ctl"),
+                            "-D",
+                            str(self.datadir),
+                            "-l",
+                            str(self.logfile),
+                            "-o",
+                            opts,
+                            "-w",
+                            "-t",
+                            "60",
+                            "start",
+                        ],
+                        SERVICE_USER,
+                    ),
+                    f"starting PostgreSQL {self.name}",
+                    stdin=subprocess.DEVNULL,
+                )
+            except RuntimeError as exc:  # most likely a lost race for the port
+                last = exc
+                continue
+            self.pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
+            return
+        tail = self.logfile.read_text()[-1500:] if self.logfile.exists() else ""
+        raise RuntimeError(f"PostgreSQL {self.name} did not start: {last}\n{tail}")
+
+    def stop(self) -> None:
+        if self.pid and pid_alive(self.pid):
+            # postmaster's "fast" shutdown on SIGINT; pg_ctl would need the service user.
+            import signal
+
+            try:
+                os.kill(self.pid, signal.SIGINT)
+            except ProcessLookupError:
+                return
+            stop_pid(self.pid, timeout=30, group=False)
+
+    def status(self) -> str:
+        return "running" if self.pid and pid_alive(self.pid) else "stopped"
+
+    def version(self) -> str:
+        return run([str(pg_bindir() / "postgres"), "--version"], "postgres --version").strip()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install the Debian packages opsdrill needs, only those missing (idempotent, quiet when done).
+set -euo pipefail
+packages=(postgresql postgresql-contrib zstd gzip pigz gnupg util-linux procps)
+# Debian's own python3 needs python3-venv for `python3 -m venv`; a pyenv/other Python has it.
+if ! "${PYTHON:-python3}" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  packages+=(python3-venv python3-pip)
+fi
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
+    exit 2
+  fi
+  echo "bootstrap: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
+  # Keep packaged daemons from starting their own system-wide instances.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
