@@ -24,7 +24,7 @@ pytestmark = pytest.mark.backups
 @FRESHNESS
 def check_newest_backup_is_within_rpo(pg_target: PgBackupTarget) -> None:
     rpo = pg_target.db.rpo_minutes
-    allure.dynamic.title(f"{pg_target.name} backup is younger than {rpo} min")
+    allure.dynamic.title(f"{pg_target.name} backup is younger than {rpo:g} min")
     refs = pg_target.backups()
     newest = refs[-1] if refs else None
     done = [r for r in refs if r.complete]
@@ -47,6 +47,6 @@ def check_newest_backup_is_within_rpo(pg_target: PgBackupTarget) -> None:
             note = f"; a newer backup {newest.id} is incomplete (no manifest)"
         FRESHNESS.fail(
             pg_target.id,
-            f"expected a complete backup younger than {rpo} min (RPO), found newest "
+            f"expected a complete backup younger than {rpo:g} min (RPO), found newest "
             f"{latest.id} {age_min:.0f} min old{note}",
         )

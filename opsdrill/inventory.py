@@ -82,8 +82,8 @@ class Database(_Model):
     dsn: str = Field(description="libpq URI or key=value string, without a password")
     password_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
     store: str | None = None
-    rpo_minutes: int = Field(default=60, ge=1)
-    rto_minutes: int = Field(default=60, ge=1)
+    rpo_minutes: float = Field(default=60, gt=0)
+    rto_minutes: float = Field(default=60, gt=0)
     compression: Literal["zstd", "gzip"] = "zstd"
     compression_level: int | None = Field(default=None, ge=1, le=19)
     encrypt: bool = True

@@ -36,6 +36,19 @@ def _secret(label: str) -> str:
     return f"opsdrill-{label}-{secrets.token_hex(12)}"
 
 
+def _check_traversable(base: Path) -> None:
+    """PostgreSQL runs as ``postgres``: every parent directory must let it pass."""
+    if os.geteuid() != 0:
+        return
+    for parent in base.resolve().parents:
+        if not parent.stat().st_mode & 0o001:
+            raise RuntimeError(
+                f"the postgres user cannot traverse {parent} (mode "
+                f"{parent.stat().st_mode & 0o777:o}); fix: use a stack directory under /tmp "
+                "or chmod o+x that directory"
+            )
+
+
 @dataclass
 class LocalStack:
     base: Path
@@ -52,6 +65,7 @@ class LocalStack:
             raise RuntimeError(f"a stack is already running in {self.base} (opsdrill stack down)")
         self.base.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base, 0o755)  # the postgres user must traverse into it
+        _check_traversable(self.base)
         started = time.monotonic()
         creds = {
             "OPSDRILL_LIVE_PG_PASSWORD": _secret("livepg"),

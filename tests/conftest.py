@@ -1,0 +1,192 @@
+"""Shared fixtures for our own tests: one local stack per xdist worker, and helpers to
+derive inventories, plant backups and run the real checks in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import tomllib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import tomli_w
+
+from opsdrill import catalog
+from opsdrill.backup import run_backup
+from opsdrill.catalog import BackupRef
+from opsdrill.inventory import Inventory, load, read_env_file
+from opsdrill.manifest import Manifest
+from opsdrill.s3 import client
+from opsdrill.stack import LocalStack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stack:
+    stack: LocalStack
+    inventory_path: Path
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return tomllib.loads(self.inventory_path.read_text())
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        return read_env_file(self.stack.base / "secrets.env")
+
+    def live_conn(self, dbname: str = "crm") -> psycopg.Connection[Any]:
+        port = self.stack.state["components"]["pg_live"]["port"]
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=port,
+            user="opsdrill",
+            dbname=dbname,
+            password=self.secrets["OPSDRILL_LIVE_PG_PASSWORD"],
+            autocommit=True,
+            connect_timeout=10,
+        )
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """A real local stack for this worker; stopped when the session ends.
+
+    Not under pytest's tmp_path: that tree is 0700 root and the postgres user must reach it.
+    """
+    local = LocalStack(Path(tempfile.mkdtemp(prefix="opsdrill-test-stack-")))
+    path = local.up()
+    try:
+        yield Stack(local, path)
+    finally:
+        local.down()
+
+
+@dataclass
+class Env:
+    """A test's own view of the stack: a private S3 prefix, optionally its own database."""
+
+    stack: Stack
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def inv(self) -> Inventory:
+        return load(self.path)
+
+    def rewrite(self, mutate: Any) -> Env:
+        mutate(self.data)
+        self.path.write_text(tomli_w.dumps(self.data))
+        return self
+
+    def backup(self, now: datetime | None = None, name: str = "crm") -> Manifest:
+        return run_backup(self.inv, name, now=now)
+
+    def refs(self, name: str = "crm") -> list[BackupRef]:
+        inv = self.inv
+        _, store = inv.store_for(name)
+        return catalog.list_backups(client(inv, store), store, name)
+
+    def s3(self, name: str = "crm") -> Any:
+        inv = self.inv
+        _, store = inv.store_for(name)
+        return client(inv, store), store
+
+    def run_checks(self, *selectors: str, extra: tuple[str, ...] = ()) -> CheckRun:
+        return run_checks(self.path, *selectors, extra=extra, workdir=self.path.parent)
+
+
+def derive(stack: Stack, tmp_path: Path, *, own_database: bool = False) -> Env:
+    """Copy the stack's inventory with a fresh S3 prefix (and database) for isolation."""
+    data = stack.data
+    base = stack.inventory_path.parent
+    data["env_file"] = str(base / data["env_file"])
+    for key in ("public_keys_file", "drill_private_key_file"):
+        data["gpg"][key] = str(base / data["gpg"][key])
+    data["stores"]["offsite"]["prefix"] = f"t-{uuid.uuid4().hex[:10]}"
+    if own_database:
+        dbname = f"crm_{uuid.uuid4().hex[:8]}"
+        with stack.live_conn("postgres") as conn:
+            conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE crm')
+        dsn = data["databases"]["crm"]["dsn"]
+        data["databases"]["crm"]["dsn"] = dsn.rsplit("/", 1)[0] + "/" + dbname
+    path = tmp_path / "inventory.toml"
+    path.write_text(tomli_w.dumps(data))
+    return Env(stack, path, data)
+
+
+@pytest.fixture
+def env(stack: Stack, tmp_path: Path) -> Env:
+    return derive(stack, tmp_path)
+
+
+@dataclass
+class CheckRun:
+    returncode: int
+    output: str
+    results: list[dict[str, Any]]
+    results_dir: Path
+
+    def by_check(self, check_id: str) -> dict[str, Any]:
+        for res in self.results:
+            labels = {(lab["name"], lab["value"]) for lab in res.get("labels", [])}
+            if ("check_id", check_id) in labels:
+                return res
+        names = [r["name"] for r in self.results]
+        raise AssertionError(f"no result for {check_id}; got {names}\n{self.output[-3000:]}")
+
+    def status(self, check_id: str) -> str:
+        return str(self.by_check(check_id)["status"])
+
+    def message(self, check_id: str) -> str:
+        return str(self.by_check(check_id).get("statusDetails", {}).get("message", ""))
+
+    def assert_fails(self, check_id: str, *fragments: str) -> str:
+        res = self.by_check(check_id)
+        msg = self.message(check_id)
+        assert res["status"] == "failed", f"{check_id} is {res['status']}: {msg}"
+        for fragment in fragments:
+            assert fragment in msg, f"{fragment!r} not in {check_id} message: {msg}"
+        assert "runbook: docs/runbooks/" in msg
+        return msg
+
+    def assert_passes(self, check_id: str) -> None:
+        res = self.by_check(check_id)
+        assert res["status"] == "passed", f"{check_id}: {res['status']}: {self.message(check_id)}"
+
+
+def run_checks(
+    inventory: Path, *selectors: str, extra: tuple[str, ...] = (), workdir: Path | None = None
+) -> CheckRun:
+    """Run the real checks in a subprocess, the way users do, and read Allure's results."""
+    results_dir = (workdir or inventory.parent) / f"allure-{uuid.uuid4().hex[:6]}"
+    paths = [str(ROOT / "checks" / s) if s.endswith(".py") else s for s in selectors]
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *(paths or [str(ROOT / "checks")]),
+        "--inventory",
+        str(inventory),
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--alluredir",
+        str(results_dir),
+        "-o",
+        "addopts=",
+        *extra,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "OPSDRILL_"))}
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    results = [json.loads(p.read_text()) for p in results_dir.glob("*-result.json")]
+    return CheckRun(proc.returncode, proc.stdout + proc.stderr, results, results_dir)
