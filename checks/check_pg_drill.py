@@ -87,7 +87,8 @@ def check_drill_within_rto(pg_target: PgBackupTarget) -> None:
     if not report.within_rto:
         RTO.fail(
             pg_target.id,
-            f"expected the drill within {rto:g} min (RTO), found {report.total_seconds / 60:.1f} min",
+            f"expected the drill within {rto:g} min (RTO), "
+            f"found {report.total_seconds / 60:.1f} min",
         )
 
 

@@ -20,6 +20,13 @@ from opsdrill.inventory import Inventory, load
 from opsdrill.secrets import redact
 
 DEFAULT_STACK_DIR = ".opsdrill-stack"
+EPILOG = """\
+Exit codes:
+  0  success
+  1  an operation or a verification failed (the failing stage is named)
+  2  configuration wrong, a target unreachable, or a safety guard refused
+
+Runbook: docs/runbooks/backup-and-restore.md"""
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
@@ -152,11 +159,10 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     ref, manifest = restore.pick_backup(inv, args.database, args.backup)
     password_env = args.into_password_env or db.password_env
     password = inv.secret(password_env) if password_env else None
+    # --into names a server; its dbname is only the maintenance database we connect to.
     server = Endpoint.from_dsn("restore target", args.into, password)
-    new_name = args.new_name or (
-        f"{server.dbname if args.into_is_db else args.database}"
-        f"_restored_{datetime.now(UTC):%Y%m%d%H%M}"
-    )
+    live_dbname = Endpoint.from_dsn("live", db.dsn, None).dbname
+    new_name = args.new_name or f"{live_dbname}_restored_{datetime.now(UTC):%Y%m%d%H%M}"
     print(
         f"Backup:   {ref.id} (taken {manifest.taken_at}, {manifest.object['size']} bytes, "
         f"{sum(t['rows'] for t in manifest.tables.values())} rows)"
@@ -178,22 +184,31 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
         if typed != args.database:
             print("Not confirmed; nothing was changed.")
             return 1
-    maintenance = server.with_dbname(server.dbname if not args.into_is_db else "postgres")
-    restore.create_database(maintenance, new_name)
+    restore.create_database(server, new_name)
     result = restore.restore_into(
         inv,
         args.database,
         ref,
         manifest,
-        maintenance.with_dbname(new_name),
+        server.with_dbname(new_name),
         jobs=db.restore_jobs,
         keep_owners=not args.no_owner,
     )
     print(f"Restored {ref.id} into {new_name} in {result.seconds:.1f}s.")
+    comparison = restore.verify_restored(server.with_dbname(new_name), manifest)
+    if not comparison.exact:
+        print("VERIFICATION FAILED: the restored database differs from the manifest:")
+        for line in comparison.mismatches:
+            print(f"  {line}")
+        return 1
     print(
-        "Verify it (opsdrill restore --drill compares counts), then swap, e.g.:\n"
-        f"  ALTER DATABASE {args.database} RENAME TO {args.database}_old;\n"
-        f"  ALTER DATABASE {new_name} RENAME TO {args.database};"
+        f"Verified: row counts of all {len(manifest.tables)} tables and "
+        f"{len(manifest.sequences)} sequences match the manifest exactly."
+    )
+    print(
+        "Once the application checks out, swap names, e.g.:\n"
+        f"  ALTER DATABASE {live_dbname} RENAME TO {live_dbname}_old;\n"
+        f"  ALTER DATABASE {new_name} RENAME TO {live_dbname};"
     )
     return 0
 
@@ -201,8 +216,9 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opsdrill",
-        description="Back up, prune and restore PostgreSQL off-site, and prove it works. "
-        "Exit codes: 0 ok, 1 failed, 2 configuration/unreachable/refused.",
+        description="Back up, prune and restore PostgreSQL off-site, and prove it works.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"opsdrill {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -256,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="restore into the sandbox, verify against the manifest, drop it",
     )
     mode.add_argument(
-        "--into", metavar="DSN", help="server to restore onto (a NEW database is created there)"
+        "--into",
+        metavar="DSN",
+        help="server to restore onto, e.g. postgresql://admin@db:5432/postgres; a NEW "
+        "database is created there and existing ones are left untouched",
     )
     rs.add_argument("--backup", metavar="ID", help="backup id (default: newest complete)")
     rs.add_argument(
@@ -273,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not restore ownership (roles missing on the target)",
     )
-    rs.set_defaults(func=cmd_restore, into_is_db=False)
+    rs.set_defaults(func=cmd_restore)
     return p
 
 

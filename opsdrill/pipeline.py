@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -94,13 +95,29 @@ class Pipeline:
         self.check()
 
     def check(self) -> None:
-        # Report the earliest failing stage: later ones usually fail *because* of it.
+        """Raise for the stage that caused a failure, not the ones it took down with it.
+
+        When gpg dies, zstd and pg_dump then fail writing into a closed pipe; those are
+        victims (SIGPIPE or "Broken pipe"), and naming them would send the operator to the
+        wrong stage. The culprit is the first failed stage that is not a victim.
+        """
+        failed = []
         for i, (stage, proc) in enumerate(zip(self.stages, self.procs, strict=True)):
             code = proc.poll()
             if code is None or code not in stage.ok_codes:
-                detail = self.stderr_of(i) or "no error output"
-                status = "did not finish" if code is None else f"exited {code}"
-                raise OperationFailed(stage.name, f"{stage.argv[0]} {status}: {detail}")
+                failed.append((i, stage, proc, code))
+        if not failed:
+            return
+
+        def victim(i: int, code: int | None) -> bool:
+            sigpipe = code in (-signal.SIGPIPE, 128 + signal.SIGPIPE)  # killed, or via a shell
+            return sigpipe or "broken pipe" in self.stderr_of(i).lower()
+
+        culprits = [f for f in failed if not victim(f[0], f[3])] or failed[-1:]
+        i, stage, proc, code = culprits[0]
+        detail = self.stderr_of(i) or "no error output"
+        status = "did not finish" if code is None else f"exited {code}"
+        raise OperationFailed(stage.name, f"{stage.argv[0]} {status}: {detail}")
 
     def kill(self) -> None:
         for proc in self.procs:

@@ -263,6 +263,14 @@ def _integrity_error(manifest: Manifest, size: int, sha256: str) -> str | None:
     return None
 
 
+def verify_restored(target: Endpoint, manifest: Manifest) -> Comparison:
+    """Count (and hash, if the manifest has hashes) the restored database; compare."""
+    hashes = any("content_hash" in t for t in manifest.tables.values())
+    with target.connect(autocommit=True) as conn:
+        restored = collect_stats(conn, hashes)
+    return compare(manifest, restored)
+
+
 def create_database(server: Endpoint, dbname: str) -> None:
     with server.connect(autocommit=True) as conn:
         conn.execute(
@@ -302,10 +310,7 @@ def drill(
             progress=progress,
         )
         verify_started = time.monotonic()
-        hashes = any("content_hash" in t for t in manifest.tables.values())
-        with target.connect(autocommit=True) as conn:
-            restored = collect_stats(conn, hashes)
-        comparison = compare(manifest, restored)
+        comparison = verify_restored(target, manifest)
         verify_seconds = time.monotonic() - verify_started
     finally:
         with contextlib.suppress(OpsdrillError):

@@ -142,27 +142,28 @@ Kierkegaard,Nakamura,Okafor,Patel,"O''Brien",Smith}'::text[]"""
 _LOAD = (
     f"""INSERT INTO crm.companies OVERRIDING SYSTEM VALUE
     SELECT i, initcap(pg_temp.pick({_WORDS}, i, 'w')) || ' '
-            || pg_temp.pick('{{Labs,Systems,GmbH,Inc.,Partners,Group}}'::text[], i, 's'),
+            || pg_temp.pick('{{Labs,Systems,GmbH,Inc.,Partners,Group}}'::text[], i, 'cp.s'),
         'company' || i || '.example.com',
         pg_temp.pick('{{saas,retail,health,finance,logistics,media}}'::text[], i, 'n'),
         1 + pg_temp.rnd(i, 'e', 5000),
-        '2020-01-01 00:00+00'::timestamptz + pg_temp.rnd(i, 'c', 126230400) * interval '1 s',
-        jsonb_build_object('tier', pg_temp.pick('{{free,pro,enterprise}}'::text[], i, 't'),
+        '2020-01-01 00:00+00'::timestamptz + pg_temp.rnd(i, 'cp.c', 126230400) * interval '1 s',
+        jsonb_build_object('tier', pg_temp.pick('{{free,pro,enterprise}}'::text[], i, 'cp.t'),
             'region', pg_temp.pick('{{eu,us,apac}}'::text[], i, 'r'),
             'tags', jsonb_build_array('t' || pg_temp.rnd(i, 'g', 40),
                                       't' || pg_temp.rnd(i, 'h', 40)))
     FROM generate_series(1, %(companies)s::bigint) AS i""",
     f"""INSERT INTO crm.contacts
-    SELECT i, 1 + pg_temp.rnd(i, 'co', %(companies)s), f || ' ' || l,
+    SELECT i, 1 + pg_temp.rnd(i, 'ct.co', %(companies)s), f || ' ' || l,
         lower(translate(f || '.' || l, ' ''', '')) || i || '@example.org',
         CASE WHEN pg_temp.rnd(i, 'p', 5) > 0
              THEN '+1-555-' || lpad(pg_temp.rnd(i, 'q', 10000)::text, 4, '0') END,
-        pg_temp.pick('{{lead,prospect,customer,churned}}'::crm.contact_status[], i, 'st'),
+        pg_temp.pick('{{lead,prospect,customer,churned}}'::crm.contact_status[], i, 'ct.st'),
         pg_temp.rnd(i, 'ls', 101),
-        '2021-01-01 00:00+00'::timestamptz + pg_temp.rnd(i, 'c', 94608000) * interval '1 s',
-        jsonb_build_object('title', pg_temp.pick('{{CEO,CTO,Buyer,Engineer,Ops}}'::text[], i, 't'),
+        '2021-01-01 00:00+00'::timestamptz + pg_temp.rnd(i, 'ct.c', 94608000) * interval '1 s',
+        jsonb_build_object(
+            'title', pg_temp.pick('{{CEO,CTO,Buyer,Engineer,Ops}}'::text[], i, 'ct.t'),
             'newsletter', pg_temp.rnd(i, 'nl', 2) = 1,
-            'source', 'campaign-' || pg_temp.rnd(i, 's', 30),
+            'source', 'campaign-' || pg_temp.rnd(i, 'ct.s', 30),
             'notes', md5(i::text) || md5('n' || i))
     FROM generate_series(1, %(contacts)s::bigint) AS i,
         LATERAL (SELECT pg_temp.pick({_FIRST}, i, 'f') AS f,
@@ -183,9 +184,9 @@ _LOAD = (
              THEN '2023-06-01 00:00+00'::timestamptz + i * interval '1 day' END
     FROM generate_series(1, %(contracts)s::bigint) AS i""",
     """INSERT INTO billing.invoices (company_id, status, currency, total, issued_at, due_at)
-    SELECT 1 + pg_temp.rnd(i, 'co', %(companies)s),
+    SELECT 1 + pg_temp.rnd(i, 'inv.co', %(companies)s),
         pg_temp.pick('{paid,paid,paid,paid,paid,paid,paid,open,open,void,draft}'
-                     ::billing.invoice_status[], i, 'st'),
+                     ::billing.invoice_status[], i, 'inv.st'),
         pg_temp.pick('{EUR,USD,GBP}'::text[], i, 'cu'),
         (1000 + pg_temp.rnd(i, 'tot', 4999000)) / 100.0, ts, ts + interval '720 hours'
     FROM generate_series(1, %(invoices)s::bigint) AS i,
@@ -198,10 +199,11 @@ _LOAD = (
             'fee', pg_temp.rnd(id, 'fee', 300) / 100.0)
     FROM billing.invoices WHERE status = 'paid' ORDER BY id""",
     """INSERT INTO "Sales Ops".deals
-    SELECT i, 1 + pg_temp.rnd(i, 'co', %(companies)s),
+    SELECT i, 1 + pg_temp.rnd(i, 'dl.co', %(companies)s),
         CASE WHEN pg_temp.rnd(i, 'o', 10) > 0 THEN 1 + pg_temp.rnd(i, 'oc', %(contacts)s) END,
         'Deal ' || upper(substr(md5('d' || i), 1, 6)),
-        pg_temp.pick('{qualify,proposal,negotiation,won,lost}'::"Sales Ops".deal_stage[], i, 'sg'),
+        pg_temp.pick('{qualify,proposal,negotiation,won,lost}'::"Sales Ops".deal_stage[],
+                     i, 'dl.sg'),
         pg_temp.rnd(i, 'amt', 10000000) / 100.0, DATE '2024-01-01' + pg_temp.rnd(i, 'ec', 365)::int,
         '2023-01-01 00:00+00'::timestamptz + pg_temp.rnd(i, 'cr', 31536000) * interval '1 s'
     FROM generate_series(1, %(deals)s::bigint) AS i""",
@@ -212,7 +214,7 @@ _LOAD = (
     FROM generate_series(1, 3 * %(deals)s::bigint) AS j""",
     """INSERT INTO audit.activity (occurred_at, contact_id, action, details, client_ip)
     SELECT '2024-01-01 00:00+00'::timestamptz + pg_temp.rnd(i, 'at', 21081600) * interval '1 s',
-        CASE WHEN pg_temp.rnd(i, 'sys', 20) > 0 THEN 1 + pg_temp.rnd(i, 'c', %(contacts)s) END,
+        CASE WHEN pg_temp.rnd(i, 'sys', 20) > 0 THEN 1 + pg_temp.rnd(i, 'act.c', %(contacts)s) END,
         pg_temp.pick('{login,email.sent,email.opened,deal.updated,invoice.viewed,note.added}'
                      ::text[], i, 'a'),
         jsonb_build_object('session', md5('s' || i), 'entity_id', pg_temp.rnd(i, 'en', 100000),

@@ -1,0 +1,182 @@
+"""Operations fail loud and leave nothing that looks like a good backup."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opsdrill.backup import run_backup
+from opsdrill.errors import OperationFailed, TargetUnreachable
+from tests.conftest import ROOT, Env
+from tests.faults import CuttingProxy, failing_gpg_dir
+
+
+def opsdrill(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "opsdrill", *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+        input=stdin,
+    )
+
+
+def object_keys(env: Env) -> list[str]:
+    s3, store = env.s3()
+    prefix = env.data["stores"]["offsite"]["prefix"]
+    return [o.object_name for o in s3.list_objects(store.bucket, prefix=prefix, recursive=True)]
+
+
+def test_backup_then_list_restore_drill_and_prune_via_cli(env: Env) -> None:
+    inv = str(env.path)
+    first = opsdrill("backup", "-i", inv)
+    assert first.returncode == 0, first.stderr
+    assert "backup crm-" in first.stdout and "rows in" in first.stdout
+    listed = opsdrill("list", "-i", inv)
+    assert "complete" in listed.stdout
+    drill = opsdrill("restore", "-i", inv, "-d", "crm", "--drill")
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert "manifest match: exact" in drill.stdout
+    pruned = opsdrill("prune", "-i", inv, "--dry-run")
+    assert pruned.returncode == 0 and pruned.stdout.startswith("keep")
+    assert len(object_keys(env)) == 2  # data + manifest
+
+
+def test_gpg_failure_mid_stream_leaves_no_object(env: Env, tmp_path: Path) -> None:
+    real = shutil.which("gpg")
+    assert real
+    bindir = failing_gpg_dir(tmp_path, real)
+    child_env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    proc = opsdrill("backup", "-i", str(env.path), env=child_env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "encrypt (gpg)" in proc.stderr and "simulated failure" in proc.stderr
+    assert object_keys(env) == []
+
+
+def test_bad_database_password_exits_nonzero_with_no_object(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPSDRILL_WRONG_PW", "definitely-not-the-password")
+    env.rewrite(lambda d: d["databases"]["crm"].update(password_env="OPSDRILL_WRONG_PW"))
+    proc = opsdrill("backup", "-i", str(env.path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "database crm" in proc.stderr and "password authentication failed" in proc.stderr
+    assert "definitely-not-the-password" not in proc.stderr + proc.stdout
+    assert object_keys(env) == []
+
+
+def test_pg_dump_failure_names_the_stage(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import opsdrill.backup as backup_mod
+
+    real_stage = backup_mod.Stage
+
+    def sabotaged(name: str, argv: list[str], **kw: object) -> object:
+        if name == "pg_dump":
+            argv = [*argv, "--table=no_such_table_anywhere", "--strict-names"]
+        return real_stage(name, argv, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backup_mod, "Stage", sabotaged)
+    with pytest.raises(OperationFailed) as info:
+        run_backup(env.inv, "crm")
+    assert info.value.stage == "pg_dump"
+    assert "no matching tables" in info.value.message
+    assert object_keys(env) == []
+
+
+def test_dropped_s3_connection_leaves_no_object(env: Env) -> None:
+    port = int(env.data["stores"]["offsite"]["endpoint"].rsplit(":", 1)[1])
+    proxy = CuttingProxy(port, cut_after=100_000)
+    try:
+        env.rewrite(
+            lambda d: d["stores"]["offsite"].update(
+                endpoint=f"127.0.0.1:{proxy.port}", timeout_seconds=5.0
+            )
+        )
+        with pytest.raises((OperationFailed, TargetUnreachable)) as info:
+            run_backup(env.inv, "crm")
+        assert "upload" in info.value.message
+    finally:
+        proxy.close()
+    env.rewrite(lambda d: d["stores"]["offsite"].update(endpoint=f"127.0.0.1:{port}"))
+    assert object_keys(env) == []
+
+
+def test_production_restore_refuses_without_a_terminal(env: Env) -> None:
+    env.backup()
+    sandbox = env.data["databases"]["crm"]["sandbox"]
+    proc = opsdrill(
+        "restore",
+        "-i",
+        str(env.path),
+        "-d",
+        "crm",
+        "--into",
+        sandbox["dsn"],
+        "--into-password-env",
+        sandbox["password_env"],
+        stdin="",
+    )
+    assert proc.returncode == 2
+    assert "refusing a production restore without a terminal" in proc.stderr
+
+
+def test_production_restore_into_new_database_verifies_and_keeps_old(env: Env) -> None:
+    env.backup()
+    sandbox = env.data["databases"]["crm"]["sandbox"]
+    child_env = {**os.environ, **env.stack.secrets}
+    proc = opsdrill(
+        "restore",
+        "-i",
+        str(env.path),
+        "-d",
+        "crm",
+        "--into",
+        sandbox["dsn"],
+        "--into-password-env",
+        sandbox["password_env"],
+        "--confirm",
+        "crm",
+        "--new-name",
+        "crm_restored_test",
+        "--no-owner",
+        env=child_env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "match the manifest exactly" in proc.stdout
+    assert "ALTER DATABASE crm RENAME TO crm_old" in proc.stdout
+    again = opsdrill(
+        "restore",
+        "-i",
+        str(env.path),
+        "-d",
+        "crm",
+        "--into",
+        sandbox["dsn"],
+        "--into-password-env",
+        sandbox["password_env"],
+        "--confirm",
+        "crm",
+        "--new-name",
+        "crm_restored_test",
+        "--no-owner",
+        env=child_env,
+    )
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_help_documents_every_command() -> None:
+    top = opsdrill("--help")
+    for command in ("inventory", "stack", "backup", "list", "prune", "restore"):
+        assert command in top.stdout
+        sub = opsdrill(command, "--help")
+        assert sub.returncode == 0 and "usage: opsdrill" in sub.stdout
+    assert "Exit codes" in top.stdout

@@ -1,0 +1,131 @@
+"""Unit tests for the pieces with no server behind them."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from opsdrill.errors import OperationFailed, OpsdrillError
+from opsdrill.gpg import sniff
+from opsdrill.manifest import Manifest, compare, drift
+from opsdrill.pg import SnapshotStats
+from opsdrill.pipeline import HashingReader, Pipeline, Stage
+from opsdrill.secrets import redact, register
+
+
+def manifest(**tables: int) -> Manifest:
+    return Manifest(
+        id="crm-20261128T100000Z",
+        database="crm",
+        taken_at="2026-11-28T10:00:00+00:00",
+        finished_at="2026-11-28T10:00:05+00:00",
+        object={"key": "k", "size": 1, "sha256": "0" * 64, "compression": "zstd"},
+        server={},
+        tools={},
+        tables={t: {"rows": n} for t, n in tables.items()},
+        sequences={"crm.s": {"last_value": 10, "is_called": True}},
+        large_objects={"count": 1},
+    )
+
+
+def stats(seq: int = 10, lo: int = 1, **tables: int) -> SnapshotStats:
+    return SnapshotStats(
+        {t: {"rows": n} for t, n in tables.items()},
+        {"crm.s": {"last_value": seq, "is_called": True}},
+        {"count": lo},
+    )
+
+
+def test_compare_exact() -> None:
+    assert compare(manifest(a=3, b=0), stats(a=3, b=0)).exact
+
+
+def test_compare_names_each_difference() -> None:
+    result = compare(manifest(a=3, b=1), stats(seq=9, lo=0, a=2, c=5))
+    text = "\n".join(result.mismatches)
+    assert "a: manifest 3 rows, restored 2" in text
+    assert "b: in the manifest, missing after restore" in text
+    assert "c: restored but not in the manifest" in text
+    assert "sequence crm.s: manifest last_value 10, restored 9" in text
+    assert "large objects: manifest 1, restored 0" in text
+
+
+def test_sequence_ahead_is_a_note_not_a_mismatch() -> None:
+    result = compare(manifest(a=1), stats(seq=12, a=1))
+    assert result.exact and "ahead of manifest" in result.notes[0]
+
+
+def test_content_hash_mismatch() -> None:
+    m = manifest(a=2)
+    m.tables["a"]["content_hash"] = "1"
+    s = stats(a=2)
+    s.tables["a"]["content_hash"] = "2"
+    assert "same row count, different content hash" in compare(m, s).mismatches[0]
+
+
+def test_drift_flags_only_shrink_beyond_tolerance() -> None:
+    d = drift(manifest(a=100, b=100, c=100), stats(a=95, b=50, d=1), max_shrink_percent=10)
+    assert len(d.suspicious) == 2
+    assert "b: live has 50 rows, backup 100 (50.0% fewer" in d.suspicious[0]
+    assert "c: in the backup, gone from live" in d.suspicious[1]
+
+
+def test_manifest_round_trip_and_format_check() -> None:
+    m = manifest(a=1)
+    assert Manifest.from_json(m.to_json()) == m
+    with pytest.raises(ValueError, match="unknown manifest format"):
+        Manifest.from_json(b'{"format": "other"}')
+
+
+def test_redact_masks_registered_and_inline_secrets() -> None:
+    register("s3cr3t-value-xyz")
+    text = redact("pw s3cr3t-value-xyz in postgresql://u:pa55word@h/db and password=abc123")
+    assert "s3cr3t-value-xyz" not in text and "pa55word" not in text and "abc123" not in text
+    assert "***" in text
+    assert "s3cr3t-value-xyz" not in str(OpsdrillError("oops s3cr3t-value-xyz"))
+
+
+def test_pipeline_streams_and_hashes() -> None:
+    pipe = Pipeline(
+        [
+            Stage("gen", ["sh", "-c", "yes opsdrill | head -c 3000000"]),
+            Stage("compress", ["gzip", "-c"]),
+        ]
+    )
+    reader = HashingReader(pipe)
+    total = 0
+    while chunk := reader.read(65536):
+        total += len(chunk)
+    pipe.close()
+    assert total == reader.size > 0 and reader.finished
+
+
+def test_pipeline_names_culprit_not_victims() -> None:
+    pipe = Pipeline(
+        [
+            Stage("producer", ["sh", "-c", "yes | head -c 50000000"]),
+            Stage("middle", ["cat"]),
+            Stage("dies", ["sh", "-c", "head -c 1000 >/dev/null; echo boom >&2; exit 3"]),
+        ]
+    )
+    reader = HashingReader(pipe)
+    with pytest.raises(OperationFailed) as info:
+        while reader.read(65536):
+            pass
+    pipe.close()
+    assert info.value.stage == "dies" and "exited 3: boom" in info.value.message
+
+
+def test_pipeline_missing_binary() -> None:
+    with pytest.raises(OperationFailed, match="cannot start"):
+        Pipeline([Stage("x", ["/nonexistent/binary"])])
+
+
+def test_sniff_formats() -> None:
+    assert sniff(b"\x28\xb5\x2f\xfdxx") == "zstd"
+    assert sniff(b"\x1f\x8bxx") == "gzip"
+    assert sniff(b"PGDMP\x01") == "pgdump"
+    assert sniff(b"\x84\x5e\x03") == "openpgp"
+    assert sniff(b"hello") == "plaintext"
+    assert subprocess.run(["true"]).returncode == 0
