@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 verify: setup
+	rm -rf $(ALLURE_RESULTS)
 	$(BIN)/python -m pytest checks -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup \
 		--alluredir $(ALLURE_RESULTS) $(if $(INVENTORY),--inventory $(INVENTORY))
 

@@ -32,6 +32,7 @@ from opsdrill.progress import Progress
 from opsdrill.s3 import PART_SIZE, client
 from opsdrill.stack.postgres import pg_bindir
 
+LOCK_WAIT_MS = 120_000
 COMPRESSORS = {
     "zstd": (["zstd", "-q", "-c", "-T0"], 3),
     "gzip": (["gzip", "-c"], 6),
@@ -101,6 +102,8 @@ def run_backup(
                         "--format=custom",
                         "--compress=0",
                         f"--snapshot={snapshot}",
+                        # a migration holding an exclusive lock fails the run, not hangs it
+                        f"--lock-wait-timeout={LOCK_WAIT_MS}",
                         "--no-password",
                     ],
                     env=endpoint.libpq_env(),

@@ -180,3 +180,43 @@ def test_help_documents_every_command() -> None:
         sub = opsdrill(command, "--help")
         assert sub.returncode == 0 and "usage: opsdrill" in sub.stdout
     assert "Exit codes" in top.stdout
+
+
+@pytest.mark.parametrize(("compression", "encrypt"), [("gzip", True), ("zstd", False)])
+def test_other_formats_back_up_and_drill(env: Env, compression: str, encrypt: bool) -> None:
+    env.rewrite(lambda d: d["databases"]["crm"].update(compression=compression, encrypt=encrypt))
+    manifest = env.backup()
+    assert manifest.object["compression"] == compression
+    assert manifest.object["encrypted"] is encrypt
+    suffix = {"gzip": ".gz", "zstd": ".zst"}[compression] + (".gpg" if encrypt else "")
+    assert manifest.object["key"].endswith(".dump" + suffix)
+    drill = opsdrill("restore", "-i", str(env.path), "-d", "crm", "--drill")
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert "manifest match: exact" in drill.stdout
+
+
+def test_stack_up_status_down_via_cli() -> None:
+    import json
+    import tempfile
+
+    from opsdrill.stack.procs import pid_alive
+
+    base = Path(tempfile.mkdtemp(prefix="opsdrill-cli-stack-"))
+    try:
+        up = opsdrill("stack", "up", "--dir", str(base))
+        assert up.returncode == 0, up.stderr
+        assert (base / "inventory.toml").is_file()
+        assert (base / "secrets.env").stat().st_mode & 0o077 == 0
+        status = opsdrill("stack", "status", "--dir", str(base))
+        assert status.returncode == 0 and "pg_live: running" in status.stdout
+        check = opsdrill("inventory", "check", str(base / "inventory.toml"))
+        assert check.returncode == 0, check.stderr
+        pids = [
+            c["pid"] for c in json.loads((base / "stack.json").read_text())["components"].values()
+        ]
+    finally:
+        down = opsdrill("stack", "down", "--dir", str(base))
+    assert down.returncode == 0, down.stderr
+    assert not base.exists()
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert opsdrill("stack", "status", "--dir", str(base)).returncode == 1

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomli_w
 
@@ -34,6 +34,23 @@ BUCKET = "opsdrill-offsite"
 def _secret(label: str) -> str:
     # Recognisable prefix lets leak tests scan output for any stack secret.
     return f"opsdrill-{label}-{secrets.token_hex(12)}"
+
+
+class Component(Protocol):
+    """A server process of the stack. New servers (DNS, mail) implement this and register
+    their kind in COMPONENT_KINDS so ``down()`` from another process can find and stop them."""
+
+    name: str
+    base: Path
+    port: int
+    pid: int
+
+    def stop(self) -> None: ...
+
+    def status(self) -> str: ...
+
+
+COMPONENT_KINDS: dict[str, type[Any]] = {"postgres": PgCluster, "s3": S3Server}
 
 
 def _check_traversable(base: Path) -> None:
@@ -124,12 +141,13 @@ class LocalStack:
         return any(v == "running" for v in self.status().values())
 
     # -- internals -----------------------------------------------------------------
-    def _component(self, name: str, info: dict[str, Any]) -> PgCluster | S3Server:
-        cls = S3Server if info["kind"] == "s3" else PgCluster
-        return cls(info["name"], Path(info["base"]), port=info["port"], pid=info["pid"])
+    def _component(self, name: str, info: dict[str, Any]) -> Component:
+        cls = COMPONENT_KINDS[info["kind"]]
+        comp: Component = cls(info["name"], Path(info["base"]), port=info["port"], pid=info["pid"])
+        return comp
 
-    def _record(self, key: str, comp: PgCluster | S3Server) -> None:
-        kind = "s3" if isinstance(comp, S3Server) else "postgres"
+    def _record(self, key: str, comp: Component) -> None:
+        kind = next(k for k, cls in COMPONENT_KINDS.items() if isinstance(comp, cls))
         self.state.setdefault("components", {})[key] = {
             "kind": kind,
             "name": comp.name,
