@@ -35,6 +35,7 @@ def check_newest_backup_is_complete_and_intact(pg_target: PgBackupTarget) -> Non
         COMPLETENESS.fail(pg_target.id, f"backup {newest.id} has a manifest but no data object")
     manifest = pg_target.manifest(newest)
     attach_json("manifest summary", manifest.summary())
+    attach_json("object metadata", pg_target.object_metadata(newest))
     size, sha256 = pg_target.object_digest(newest)
     want_size, want_sha = manifest.object["size"], manifest.object["sha256"]
     attach_json(
