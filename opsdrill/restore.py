@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from opsdrill import catalog
@@ -272,10 +273,17 @@ def verify_restored(target: Endpoint, manifest: Manifest) -> Comparison:
 
 
 def create_database(server: Endpoint, dbname: str) -> None:
+    """Create the restore target; never reuse an existing database (it may be production)."""
     with server.connect(autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname))
-        )
+        try:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname))
+            )
+        except psycopg.errors.DuplicateDatabase:
+            raise RefusedError(
+                f"database {dbname!r} already exists on {server.where.rsplit('/', 1)[0]}; "
+                "a restore never writes into an existing database (fix: choose --new-name)"
+            ) from None
 
 
 def drop_database(server: Endpoint, dbname: str) -> None:

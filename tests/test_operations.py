@@ -110,10 +110,12 @@ def test_dropped_s3_connection_leaves_no_object(env: Env) -> None:
     assert object_keys(env) == []
 
 
-def test_production_restore_refuses_without_a_terminal(env: Env) -> None:
-    env.backup()
+def restore_into_sandbox(
+    env: Env, *extra: str, stdin: str | None = None, tty_input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A production-style restore whose target server is the stack's sandbox."""
     sandbox = env.data["databases"]["crm"]["sandbox"]
-    proc = opsdrill(
+    args = [
         "restore",
         "-i",
         str(env.path),
@@ -123,54 +125,67 @@ def test_production_restore_refuses_without_a_terminal(env: Env) -> None:
         sandbox["dsn"],
         "--into-password-env",
         sandbox["password_env"],
-        stdin="",
-    )
+        "--no-owner",
+        *extra,
+    ]
+    child_env = {**os.environ, **env.stack.secrets}
+    if tty_input is None:
+        return opsdrill(*args, env=child_env, stdin=stdin)
+    return run_on_tty(args, child_env, tty_input)
+
+
+def run_on_tty(
+    args: list[str], env: dict[str, str], typed: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with a pseudo-terminal as stdin, typing ``typed`` at its prompt."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opsdrill", *args],
+            cwd=ROOT,
+            env=env,
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.write(master, typed.encode() + b"\n")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        os.close(master)
+        os.close(slave)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def test_production_restore_refuses_without_a_terminal(env: Env) -> None:
+    env.backup()
+    proc = restore_into_sandbox(env, stdin="")
     assert proc.returncode == 2
     assert "refusing a production restore without a terminal" in proc.stderr
 
 
+def test_production_restore_asks_for_the_database_name(env: Env) -> None:
+    env.backup()
+    wrong = restore_into_sandbox(env, "--new-name", "crm_never_created", tty_input="prod")
+    assert wrong.returncode == 1 and "Not confirmed; nothing was changed" in wrong.stdout
+    right = restore_into_sandbox(env, "--new-name", "crm_restored_tty", tty_input="crm")
+    assert right.returncode == 0, right.stdout + right.stderr
+    assert "Type the database name (crm)" in right.stdout
+
+
 def test_production_restore_into_new_database_verifies_and_keeps_old(env: Env) -> None:
     env.backup()
-    sandbox = env.data["databases"]["crm"]["sandbox"]
-    child_env = {**os.environ, **env.stack.secrets}
-    proc = opsdrill(
-        "restore",
-        "-i",
-        str(env.path),
-        "-d",
-        "crm",
-        "--into",
-        sandbox["dsn"],
-        "--into-password-env",
-        sandbox["password_env"],
-        "--confirm",
-        "crm",
-        "--new-name",
-        "crm_restored_test",
-        "--no-owner",
-        env=child_env,
-    )
+    proc = restore_into_sandbox(env, "--confirm", "crm", "--new-name", "crm_restored_test")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "match the manifest exactly" in proc.stdout
     assert "ALTER DATABASE crm RENAME TO crm_old" in proc.stdout
-    again = opsdrill(
-        "restore",
-        "-i",
-        str(env.path),
-        "-d",
-        "crm",
-        "--into",
-        sandbox["dsn"],
-        "--into-password-env",
-        sandbox["password_env"],
-        "--confirm",
-        "crm",
-        "--new-name",
-        "crm_restored_test",
-        "--no-owner",
-        env=child_env,
-    )
-    assert again.returncode != 0 and "already exists" in again.stderr
+    again = restore_into_sandbox(env, "--confirm", "crm", "--new-name", "crm_restored_test")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert "never writes into an existing database" in again.stderr
+    wrong = restore_into_sandbox(env, "--confirm", "prod")
+    assert wrong.returncode == 2 and "does not match --database" in wrong.stderr
 
 
 def test_help_documents_every_command() -> None:
