@@ -1,41 +1,4 @@
 #!/usr/bin/env bash
-# prune.sh: apply the retention policy (opsdrill prune), daily.
-# Thin cron/systemd wrapper: runs `opsdrill prune`; add --dry-run to only print the plan.
-#
-#   OPSDRILL_INVENTORY  inventory TOML (required)
-#   OPSDRILL_BIN        opsdrill executable (default: opsdrill on PATH)
-#   OPSDRILL_LOCK_DIR   where the lock file lives (default: /run/lock)
-#
-# Extra arguments are passed to `opsdrill prune` unchanged. Exit status is opsdrill's
-# (0 ok, 1 failed, 2 config/unreachable/refused), or 75 when a previous run still holds
-# the lock. One timestamped result line goes to stderr for cron mail / the journal.
-# Runbook: docs/runbooks/backup-and-restore.md
-set -euo pipefail
-
-name=prune
-inventory=${OPSDRILL_INVENTORY:?set OPSDRILL_INVENTORY}
-bin=${OPSDRILL_BIN:-opsdrill}
-lock_dir=${OPSDRILL_LOCK_DIR:-/run/lock}
-lock=$lock_dir/opsdrill-$name.lock
-
-log() { printf '%s opsdrill-%s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$name" "$*" >&2; }
-
-mkdir -p "$lock_dir"
-exec 9>>"$lock"
-if ! flock -n 9; then
-  log "SKIPPED: a previous run still holds $lock"
-  exit 75
-fi
-
-what="$name --inventory $inventory${*:+ $*}"
-started=$(date +%s)
-# fd 9 (the lock) is not handed to opsdrill, so no helper process it starts can keep it.
-if "$bin" prune --inventory "$inventory" "$@" 9>&-; then rc=0; else rc=$?; fi
-elapsed=$(($(date +%s) - started))
-
-if [ "$rc" -eq 0 ]; then
-  log "ok in ${elapsed}s: $what"
-else
-  log "FAILED (exit $rc) after ${elapsed}s: $what; see the error above and the runbook"
-fi
-exit "$rc"
+# prune.sh: apply the retention policy (opsdrill prune), daily; add --dry-run to only print the plan.
+# Extra arguments go to `opsdrill prune`; environment and exit codes: see run-locked.sh.
+exec "$(dirname "$0")/run-locked.sh" prune "$@"
