@@ -88,7 +88,7 @@ def check_drill_within_rto(pg_target: PgBackupTarget) -> None:
         RTO.fail(
             pg_target.id,
             f"expected the drill within {rto:g} min (RTO), "
-            f"found {report.total_seconds / 60:.1f} min",
+            f"found {report.total_seconds / 60:.1f} min ({report.total_seconds:.1f}s)",
         )
 
 
@@ -98,6 +98,7 @@ def check_live_has_not_shrunk_since_backup(pg_target: PgBackupTarget) -> None:
         f"{pg_target.name} live tables have not shrunk suspiciously since the backup"
     )
     report = _report(pg_target, DRIFT)
+    assert report.drift is not None  # checks require the live server (else: broken)
     attach_text("drift: backup vs live", table(report.drift.rows))
     if report.drift.suspicious:
         DRIFT.fail(

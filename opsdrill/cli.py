@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import urllib3
+from minio.error import S3Error
+
 from opsdrill import __version__
 from opsdrill.errors import ConfigError, OpsdrillError
 from opsdrill.inventory import Inventory, load
@@ -29,8 +32,8 @@ Exit codes:
 Runbook: docs/runbooks/backup-and-restore.md"""
 
 
-def _inventory(args: argparse.Namespace) -> Inventory:
-    return load(args.inventory)
+def _inventory(args: argparse.Namespace, scope: str = "all") -> Inventory:
+    return load(args.inventory, scope=scope)
 
 
 def _databases(inv: Inventory, only: str | None) -> list[str]:
@@ -44,10 +47,25 @@ def _databases(inv: Inventory, only: str | None) -> list[str]:
 
 
 def cmd_inventory_check(args: argparse.Namespace) -> int:
-    inv = load(args.file)
+    from opsdrill.gpg import GpgHome
+
+    inv = load(args.file, scope=args.scope)
     m = inv.model
+    if m.gpg is not None:
+        # Deeper than loading: the recipients must be in the key file, and the drill key
+        # must decrypt what they encrypt, or the first backup/drill fails at 3 a.m.
+        with GpgHome() as home:
+            home.import_keys(inv.resolve_path(m.gpg.public_keys_file), what="gpg.public_keys_file")
+            ids = home.encryption_key_ids(m.gpg.recipients)
+            if args.scope == "all" and m.gpg.drill_private_key_file:
+                passphrase = (
+                    inv.secret(m.gpg.drill_passphrase_env) if m.gpg.drill_passphrase_env else ""
+                )
+                home.check_decrypts(
+                    inv.resolve_path(m.gpg.drill_private_key_file), passphrase, list(ids)
+                )
     print(
-        f"{inv.path}: OK: inventory {m.name!r} ({m.environment}): "
+        f"{inv.path}: OK for {args.scope}: inventory {m.name!r} ({m.environment}): "
         f"{len(m.databases)} database(s), {len(m.stores)} store(s)"
     )
     return 0
@@ -84,7 +102,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from opsdrill.backup import run_backup
 
-    inv = _inventory(args)
+    inv = _inventory(args, scope="backup")
     for name in _databases(inv, args.database):
         manifest = run_backup(inv, name)
         print(
@@ -101,7 +119,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from opsdrill import catalog
     from opsdrill.s3 import client
 
-    inv = _inventory(args)
+    inv = _inventory(args, scope="store")
     for name in _databases(inv, args.database):
         _, store = inv.store_for(name)
         for ref in catalog.list_backups(client(inv, store), store, name):
@@ -113,7 +131,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from opsdrill.prune import prune
 
-    inv = _inventory(args)
+    inv = _inventory(args, scope="store")
     for name in _databases(inv, args.database):
         for decision in prune(inv, name, dry_run=args.dry_run):
             verb = "keep  " if decision.keep else ("would delete" if args.dry_run else "delete")
@@ -126,7 +144,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     inv = _inventory(args)
     if args.drill:
-        report = restore.drill(inv, args.database, backup_id=args.backup)
+        report = restore.drill(inv, args.database, backup_id=args.backup, live_required=False)
         print(drill_summary(report))
         return 0 if report.ok else 1
     return restore_interactive(inv, args)
@@ -146,7 +164,8 @@ def drill_summary(report: object) -> str:
     ]
     lines += [f"  mismatch: {m}" for m in report.comparison.mismatches]
     lines += [f"  note: {n}" for n in report.notes]
-    lines += [f"  drift: {s}" for s in report.drift.suspicious]
+    if report.drift is not None:
+        lines += [f"  drift: {s}" for s in report.drift.suspicious]
     return "\n".join(lines)
 
 
@@ -162,7 +181,7 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     # --into names a server; its dbname is only the maintenance database we connect to.
     server = Endpoint.from_dsn("restore target", args.into, password)
     live_dbname = Endpoint.from_dsn("live", db.dsn, None).dbname
-    new_name = args.new_name or f"{live_dbname}_restored_{datetime.now(UTC):%Y%m%d%H%M}"
+    new_name = args.new_name or f"{live_dbname}_restored_{datetime.now(UTC):%Y%m%d%H%M%S}"
     print(
         f"Backup:   {ref.id} (taken {manifest.taken_at}, {manifest.object['size']} bytes, "
         f"{sum(t['rows'] for t in manifest.tables.values())} rows)"
@@ -185,31 +204,43 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
             print("Not confirmed; nothing was changed.")
             return 1
     restore.create_database(server, new_name)
-    result = restore.restore_into(
-        inv,
-        args.database,
-        ref,
-        manifest,
-        server.with_dbname(new_name),
-        jobs=db.restore_jobs,
-        keep_owners=not args.no_owner,
-    )
+    target = server.with_dbname(new_name)
+    try:
+        result = restore.restore_into(
+            inv,
+            args.database,
+            ref,
+            manifest,
+            target,
+            jobs=db.restore_jobs,
+            keep_owners=not args.no_owner,
+        )
+        comparison = restore.verify_restored(target, manifest)
+    except OpsdrillError:
+        # The database is ours (created above) and half-restored: remove it so a retry
+        # starts clean, and say so.
+        restore.drop_database(server, new_name)
+        print(f"Restore failed; the partial database {new_name!r} was dropped.", file=sys.stderr)
+        raise
     print(f"Restored {ref.id} into {new_name} in {result.seconds:.1f}s.")
-    comparison = restore.verify_restored(server.with_dbname(new_name), manifest)
     if not comparison.exact:
         print("VERIFICATION FAILED: the restored database differs from the manifest:")
         for line in comparison.mismatches:
             print(f"  {line}")
+        print(f"The database {new_name!r} is kept for inspection; do not switch to it.")
         return 1
     print(
         f"Verified: row counts of all {len(manifest.tables)} tables and "
         f"{len(manifest.sequences)} sequences match the manifest exactly."
     )
-    print(
-        "Once the application checks out, swap names, e.g.:\n"
-        f"  ALTER DATABASE {live_dbname} RENAME TO {live_dbname}_old;\n"
-        f"  ALTER DATABASE {new_name} RENAME TO {live_dbname};"
-    )
+    if new_name == live_dbname:
+        print(f"Point the application at {server.where.rsplit('/', 1)[0]}/{new_name}.")
+    else:
+        print(
+            "Once the application checks out against it, swap names, e.g.:\n"
+            f"  ALTER DATABASE {live_dbname} RENAME TO {live_dbname}_old;\n"
+            f"  ALTER DATABASE {new_name} RENAME TO {live_dbname};"
+        )
     return 0
 
 
@@ -227,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     inv_sub = inv.add_subparsers(dest="inventory_command", required=True)
     chk = inv_sub.add_parser("check", help="validate an inventory without touching any target")
     chk.add_argument("file")
+    chk.add_argument(
+        "--for",
+        dest="scope",
+        choices=["all", "backup", "store"],
+        default="all",
+        help="which secrets and key files must be present: all (restore, checks), backup "
+        "(a backup host: no drill key needed), store (list, prune)",
+    )
     chk.set_defaults(func=cmd_inventory_check)
 
     st = sub.add_parser("stack", help="the local stack: real servers on 127.0.0.1")
@@ -247,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--database",
             "-d",
             required=db_required,
-            help="database name in the inventory (default: all)",
+            help="database name in the inventory"
+            + ("" if db_required else " (default: all of them)"),
         )
 
     b = sub.add_parser("backup", help="pg_dump | compress | gpg -> S3, with a manifest")
@@ -304,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OpsdrillError as exc:
         print(f"opsdrill: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except (S3Error, urllib3.exceptions.HTTPError) as exc:
+        detail = f"{exc.code}: {exc.message}" if isinstance(exc, S3Error) else type(exc).__name__
+        print(
+            f"opsdrill: error: S3 store unreachable or refused: {redact(detail)}", file=sys.stderr
+        )
+        return 2
     except KeyboardInterrupt:
         print("opsdrill: interrupted", file=sys.stderr)
         return 130

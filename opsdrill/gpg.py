@@ -31,7 +31,11 @@ class GpgHome:
     def __init__(self) -> None:
         # Short path: gpg-agent's socket path must stay under ~107 bytes.
         self.path = Path(tempfile.mkdtemp(prefix="odg-", dir="/tmp"))
-        self.gpg = gnupg.GPG(gnupghome=str(self.path))
+        try:
+            self.gpg = gnupg.GPG(gnupghome=str(self.path))
+        except OSError:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise ConfigError("gpg not found (fix: apt-get install gnupg)") from None
 
     def __enter__(self) -> GpgHome:
         return self
@@ -79,6 +83,21 @@ class GpgHome:
                 ids.append(str(key["keyid"]))
             out[fpr] = ids
         return out
+
+    def check_decrypts(self, secret_key: Path, passphrase: str, recipients: list[str]) -> None:
+        """Prove the drill key decrypts what backups are encrypted to (round trip)."""
+        self.import_keys(secret_key, what="gpg.drill_private_key_file")
+        probe = "opsdrill key check"
+        enc = self.gpg.encrypt(probe, recipients, always_trust=True, armor=False)
+        if not enc.ok:
+            raise ConfigError(f"gpg: cannot encrypt to the recipients: {enc.status}")
+        dec = self.gpg.decrypt(enc.data, passphrase=passphrase)
+        if str(dec) != probe:
+            raise ConfigError(
+                f"gpg.drill_private_key_file {secret_key}: cannot decrypt backups encrypted to "
+                f"{', '.join(recipients)} ({dec.status or 'no usable secret key'}; check "
+                "the passphrase variable and that the key belongs to a recipient)"
+            )
 
     def encrypt_argv(self, recipients: list[str]) -> list[str]:
         argv = [*self.base_argv(), "--trust-model", "always", "--compress-algo", "none"]

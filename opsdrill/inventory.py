@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from opsdrill.errors import ConfigError
 from opsdrill.secrets import SecretMissing, resolve_env
@@ -69,6 +76,14 @@ class Retention(_Model):
     hourly_days: int = Field(default=7, ge=1)
     daily_days: int = Field(default=30, ge=1)
 
+    @model_validator(mode="after")
+    def _daily_covers_hourly(self) -> Retention:
+        if self.daily_days < self.hourly_days:
+            raise ValueError(
+                f"daily_days ({self.daily_days}) must be at least hourly_days ({self.hourly_days})"
+            )
+        return self
+
 
 class Sandbox(_Model):
     """Where drills restore: a throwaway server, never production."""
@@ -108,13 +123,14 @@ class Inventory:
 
     path: Path
     model: InventoryModel
-    secrets: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # The environment secrets are read from: env_file values under the process environment.
+    env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def secret(self, var: str) -> str:
-        """A secret named by this inventory (resolved and checked at load time)."""
+        """The value of a secret environment variable (registered for redaction)."""
         try:
-            return self.secrets[var]
-        except KeyError:
+            return resolve_env(var, dict(self.env))
+        except SecretMissing:
             raise ConfigError(
                 f"environment variable {var} is not set (fix: export {var}=...)"
             ) from None
@@ -195,25 +211,34 @@ def _dsn_has_password(dsn: str) -> bool:
     from psycopg.conninfo import conninfo_to_dict
 
     try:
-        return bool(conninfo_to_dict(dsn).get("password"))
+        params = conninfo_to_dict(dsn)
+        return bool(params.get("password") or params.get("sslpassword"))
     except Exception:  # a malformed DSN is reported when first used; never echo it here
         return False
 
 
-def _env_refs(model: InventoryModel) -> list[tuple[str, str]]:
-    refs: list[tuple[str, str]] = []
+# What each kind of command needs. A backup host must not need the drill private key,
+# its passphrase or the sandbox password, so those are only required for "all".
+SCOPES = ("all", "backup", "store")
+_STORE = frozenset({"all", "backup", "store"})
+_BACKUP = frozenset({"all", "backup"})
+_ALL = frozenset({"all"})
+
+
+def _env_refs(model: InventoryModel) -> list[tuple[str, str, frozenset[str]]]:
+    refs: list[tuple[str, str, frozenset[str]]] = []
     for name, store in model.stores.items():
         refs += [
-            (f"stores.{name}.access_key_env", store.access_key_env),
-            (f"stores.{name}.secret_key_env", store.secret_key_env),
+            (f"stores.{name}.access_key_env", store.access_key_env, _STORE),
+            (f"stores.{name}.secret_key_env", store.secret_key_env, _STORE),
         ]
     for name, db in model.databases.items():
         if db.password_env:
-            refs.append((f"databases.{name}.password_env", db.password_env))
+            refs.append((f"databases.{name}.password_env", db.password_env, _BACKUP))
         if db.sandbox and db.sandbox.password_env:
-            refs.append((f"databases.{name}.sandbox.password_env", db.sandbox.password_env))
+            refs.append((f"databases.{name}.sandbox.password_env", db.sandbox.password_env, _ALL))
     if model.gpg and model.gpg.drill_passphrase_env:
-        refs.append(("gpg.drill_passphrase_env", model.gpg.drill_passphrase_env))
+        refs.append(("gpg.drill_passphrase_env", model.gpg.drill_passphrase_env, _ALL))
     return refs
 
 
@@ -235,8 +260,15 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Inventory:
-    """Validate the inventory and resolve that every secret it names is present."""
+def load(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    scope: str = "all",
+) -> Inventory:
+    """Validate the whole inventory, and that every secret and key file that ``scope``
+    needs is present: "all" (restore, drills, checks), "backup", or "store" (list, prune)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}")
     p = Path(path)
     try:
         data: dict[str, Any] = tomllib.loads(p.read_text())
@@ -250,7 +282,6 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         raise ConfigError("\n".join(_format_validation(p, exc))) from None
     problems = _cross_checks(p, model)
     inv = Inventory(path=p.resolve(), model=model)
-    resolved: dict[str, str] = {}
     env = dict(os.environ if environ is None else environ)
     if model.env_file:
         env_path = inv.resolve_path(model.env_file)
@@ -261,29 +292,32 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         else:
             for key, value in read_env_file(env_path).items():
                 env.setdefault(key, value)
-    for key, var in _env_refs(model):
+    for key, var, scopes in _env_refs(model):
+        if scope not in scopes:
+            continue
         try:
-            value = resolve_env(var, env)
+            resolve_env(var, env)
         except SecretMissing:
             problems.append(
                 f"{p}: {key}: environment variable {var} is not set (fix: export {var}=...)"
             )
+    for label, value, scopes in _file_refs(model):
+        if scope not in scopes:
             continue
-        resolved[var] = value
-    for label, value in _file_refs(model):
-        if not inv.resolve_path(value).is_file():
-            problems.append(
-                f"{p}: {label}: file {inv.resolve_path(value)} not found (fix: correct the path)"
-            )
+        file = inv.resolve_path(value)
+        if not file.is_file():
+            problems.append(f"{p}: {label}: file {file} not found (fix: correct the path)")
+        elif file.stat().st_size == 0:
+            problems.append(f"{p}: {label}: file {file} is empty (fix: export the key into it)")
     if problems:
         raise ConfigError("\n".join(problems))
-    return Inventory(path=inv.path, model=model, secrets=resolved)
+    return Inventory(path=inv.path, model=model, env=env)
 
 
-def _file_refs(model: InventoryModel) -> list[tuple[str, str]]:
-    refs: list[tuple[str, str]] = []
+def _file_refs(model: InventoryModel) -> list[tuple[str, str, frozenset[str]]]:
+    refs: list[tuple[str, str, frozenset[str]]] = []
     if model.gpg:
-        refs.append(("gpg.public_keys_file", model.gpg.public_keys_file))
+        refs.append(("gpg.public_keys_file", model.gpg.public_keys_file, _BACKUP))
         if model.gpg.drill_private_key_file:
-            refs.append(("gpg.drill_private_key_file", model.gpg.drill_private_key_file))
+            refs.append(("gpg.drill_private_key_file", model.gpg.drill_private_key_file, _ALL))
     return refs

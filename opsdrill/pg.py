@@ -78,6 +78,14 @@ class Endpoint:
             "sslrootcert": "PGSSLROOTCERT",
             "connect_timeout": "PGCONNECT_TIMEOUT",
             "application_name": "PGAPPNAME",
+            "sslcert": "PGSSLCERT",
+            "sslkey": "PGSSLKEY",
+            "sslcrl": "PGSSLCRL",
+            "sslpassword": "PGSSLPASSWORD",
+            "gssencmode": "PGGSSENCMODE",
+            "target_session_attrs": "PGTARGETSESSIONATTRS",
+            "options": "PGOPTIONS",
+            "service": "PGSERVICE",
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         for key, var in mapping.items():

@@ -25,7 +25,13 @@ from psycopg import sql
 from opsdrill import catalog
 from opsdrill.backup import live_endpoint
 from opsdrill.catalog import BackupRef
-from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError, RefusedError
+from opsdrill.errors import (
+    ConfigError,
+    OperationFailed,
+    OpsdrillError,
+    RefusedError,
+    TargetUnreachable,
+)
 from opsdrill.gpg import GpgHome
 from opsdrill.inventory import Inventory
 from opsdrill.manifest import Comparison, Drift, Manifest, compare, drift
@@ -58,7 +64,7 @@ class DrillReport:
     total_seconds: float
     rto_seconds: float
     comparison: Comparison
-    drift: Drift
+    drift: Drift | None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -67,7 +73,8 @@ class DrillReport:
 
     @property
     def ok(self) -> bool:
-        return self.comparison.exact and self.within_rto and not self.drift.suspicious
+        suspicious = self.drift is not None and bool(self.drift.suspicious)
+        return self.comparison.exact and self.within_rto and not suspicious
 
 
 def sandbox_endpoint(inv: Inventory, name: str) -> tuple[Endpoint, float]:
@@ -84,27 +91,41 @@ def sandbox_endpoint(inv: Inventory, name: str) -> tuple[Endpoint, float]:
     )
 
 
-def guard_sandbox(live: Endpoint, sandbox: Endpoint) -> dict[str, Any]:
+def guard_sandbox(
+    live: Endpoint, sandbox: Endpoint, *, live_required: bool = True
+) -> dict[str, Any]:
     """Refuse a sandbox that is the live server: by address, then by cluster identity.
 
     The identity check (pg_control_system's system_identifier) also catches a live server
-    reached through another address, a DNS alias or a port forward.
+    reached through another address, a DNS alias or a port forward. With the live server
+    down (a cold restore) only the address check is possible; ``live_required=False``
+    accepts that, and the result says so.
     """
     same_addr = str(live.params.get("host")) == str(sandbox.params.get("host")) and str(
         live.params.get("port", 5432)
     ) == str(sandbox.params.get("port", 5432))
-    with live.connect(autocommit=True) as conn:
-        live_info = server_info(conn)
+    if same_addr:
+        _refuse(live, sandbox, "same address")
+    try:
+        with live.connect(autocommit=True) as conn:
+            live_info: dict[str, Any] | None = server_info(conn)
+    except TargetUnreachable:
+        if live_required:
+            raise
+        live_info = None
     with sandbox.connect(autocommit=True) as conn:
         sandbox_info = server_info(conn)
-    if same_addr or live_info["system_identifier"] == sandbox_info["system_identifier"]:
-        why = "same address" if same_addr else "same cluster (system identifier)"
-        raise RefusedError(
-            f"drill sandbox {sandbox.where} is the live server {live.where} ({why}); "
-            "a drill must never write to production (fix: point sandbox.dsn at a throwaway "
-            "server)"
-        )
-    return {"live": live_info, "sandbox": sandbox_info}
+    if live_info and live_info["system_identifier"] == sandbox_info["system_identifier"]:
+        _refuse(live, sandbox, "same cluster (system identifier)")
+    return {"live": live_info or "unreachable: identity not compared", "sandbox": sandbox_info}
+
+
+def _refuse(live: Endpoint, sandbox: Endpoint, why: str) -> None:
+    raise RefusedError(
+        f"drill sandbox {sandbox.where} is the live server {live.where} ({why}); "
+        "a drill must never write to production (fix: point sandbox.dsn at a throwaway "
+        "server)"
+    )
 
 
 def pick_backup(inv: Inventory, name: str, backup_id: str | None) -> tuple[BackupRef, Manifest]:
@@ -247,6 +268,13 @@ def _stream_object(
         except OperationFailed as exc:
             if integrity:  # a corrupt object explains the stage failure better
                 raise OperationFailed("verify", integrity) from exc
+            if exc.stage.startswith("decrypt") and "secret key" in exc.message.lower():
+                raise OperationFailed(
+                    exc.stage,
+                    f"{exc.message.split(': ', 1)[-1]} (the drill key did not decrypt it: a "
+                    "wrong passphrase, or the backup was encrypted to recipients "
+                    f"{manifest.object.get('recipients')} and the key is none of them)",
+                ) from exc
             raise
         if integrity:
             raise OperationFailed("verify", integrity)
@@ -294,13 +322,22 @@ def drop_database(server: Endpoint, dbname: str) -> None:
 
 
 def drill(
-    inv: Inventory, name: str, *, backup_id: str | None = None, progress: Progress | None = None
+    inv: Inventory,
+    name: str,
+    *,
+    backup_id: str | None = None,
+    progress: Progress | None = None,
+    live_required: bool = True,
 ) -> DrillReport:
-    """Restore into a throwaway database on the sandbox, verify exactly, measure, drop it."""
+    """Restore into a throwaway database on the sandbox, verify exactly, measure, drop it.
+
+    ``live_required=False`` lets an operator drill while production is down (cold restore):
+    the drift comparison is then skipped and the report says so.
+    """
     db = inv.database(name)
     live = live_endpoint(inv, name)
     sandbox, max_shrink = sandbox_endpoint(inv, name)
-    guard_sandbox(live, sandbox)
+    guard = guard_sandbox(live, sandbox, live_required=live_required)
     started = time.monotonic()
     ref, manifest = pick_backup(inv, name, backup_id)
     scratch = f"opsdrill_drill_{name}_{datetime.now(UTC):%Y%m%d%H%M%S}_{secrets.token_hex(3)}"
@@ -323,8 +360,13 @@ def drill(
     finally:
         with contextlib.suppress(OpsdrillError):
             drop_database(sandbox, scratch)
-    with live.connect(autocommit=True) as conn:
-        live_stats = collect_stats(conn, content_hashes=False)
+    notes = list(comparison.notes)
+    drift_report: Drift | None = None
+    if isinstance(guard["live"], dict):
+        with live.connect(autocommit=True) as conn:
+            drift_report = drift(manifest, collect_stats(conn, content_hashes=False), max_shrink)
+    else:
+        notes.append(f"live server {live.where} unreachable: drift not compared")
     total = time.monotonic() - started
     return DrillReport(
         database=name,
@@ -336,6 +378,6 @@ def drill(
         total_seconds=total,
         rto_seconds=db.rto_minutes * 60.0,
         comparison=comparison,
-        drift=drift(manifest, live_stats, max_shrink),
-        notes=comparison.notes,
+        drift=drift_report,
+        notes=notes,
     )

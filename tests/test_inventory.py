@@ -145,7 +145,15 @@ def test_env_file_supplies_missing_variables(tmp_path: Path) -> None:
 
 
 def test_cli_inventory_check_exit_codes(tmp_path: Path) -> None:
-    path = write(tmp_path, GOOD)
+    from opsdrill.stack.gnupg_keys import generate_keypair
+
+    key = generate_keypair(tmp_path / "k", "backup", "passphrase-1234")
+    path = write(
+        tmp_path,
+        GOOD.replace("0123456789ABCDEF0123456789ABCDEF01234567", key.fingerprint).replace(
+            '"keys.asc"', f'"{key.public_file}"'
+        ),
+    )
     env = {**os.environ, **ENV}
     ok = subprocess.run(
         [sys.executable, "-m", "opsdrill", "inventory", "check", str(path)],
@@ -155,7 +163,7 @@ def test_cli_inventory_check_exit_codes(tmp_path: Path) -> None:
         timeout=60,
     )
     assert ok.returncode == 0 and "OK" in ok.stdout
-    bad = write(tmp_path, GOOD.replace("rpo_minutes", "rpo"))
+    bad = write(tmp_path, path.read_text().replace("rpo_minutes", "rpo"))
     proc = subprocess.run(
         [sys.executable, "-m", "opsdrill", "inventory", "check", str(bad)],
         capture_output=True,
@@ -166,3 +174,34 @@ def test_cli_inventory_check_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "databases.crm.rpo: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_retention_daily_must_cover_hourly(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, GOOD + "\n[retention]\nhourly_days = 7\ndaily_days = 3\n"))
+    assert "retention" in msg and "daily_days (3) must be at least hourly_days (7)" in msg
+
+
+def test_backup_scope_needs_no_drill_secrets(tmp_path: Path) -> None:
+    text = (
+        GOOD.replace(
+            'public_keys_file = "keys.asc"',
+            'public_keys_file = "keys.asc"\ndrill_private_key_file = "drill.asc"\n'
+            'drill_passphrase_env = "T_GPG_PASS"',
+        )
+        + '\n[databases.crm.sandbox]\ndsn = "postgresql://x@sandbox/postgres"\n'
+        'password_env = "T_SANDBOX_PW"\n'
+    )
+    path = write(tmp_path, text)
+    inv = load(path, environ=ENV, scope="backup")  # a backup host holds no drill key
+    assert inv.database("crm").sandbox is not None
+    msg = error_of(path)
+    assert "T_GPG_PASS is not set" in msg and "T_SANDBOX_PW is not set" in msg
+    assert "gpg.drill_private_key_file: file" in msg
+    env = {k: v for k, v in ENV.items() if k != "T_DB_PASSWORD"}
+    assert load(path, environ=env, scope="store").name == "prod"  # list/prune: S3 only
+
+
+def test_empty_key_file_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    (tmp_path / "keys.asc").write_text("")
+    assert "gpg.public_keys_file: file" in error_of(path) and "is empty" in error_of(path)

@@ -235,3 +235,81 @@ def test_stack_up_status_down_via_cli() -> None:
     assert not base.exists()
     assert not [pid for pid in pids if pid_alive(pid)]
     assert opsdrill("stack", "status", "--dir", str(base)).returncode == 1
+
+
+def test_inventory_check_proves_the_drill_key_decrypts(env: Env, tmp_path: Path) -> None:
+    ok = opsdrill("inventory", "check", str(env.path))
+    assert ok.returncode == 0 and "OK for all" in ok.stdout, ok.stderr
+    env.rewrite(lambda d: d["gpg"].update(drill_passphrase_env="LEAKTEST_WRONG_PASS"))
+    bad = opsdrill(
+        "inventory",
+        "check",
+        str(env.path),
+        env={**os.environ, "LEAKTEST_WRONG_PASS": "not-the-passphrase"},
+    )
+    assert bad.returncode == 2
+    assert "cannot decrypt backups encrypted to" in bad.stderr
+    assert "not-the-passphrase" not in bad.stderr
+    other = tmp_path / "other.pub.asc"
+    from opsdrill.stack.gnupg_keys import generate_keypair
+
+    other = generate_keypair(tmp_path / "k", "other", "pw-other-1234").public_file
+    env.rewrite(lambda d: d["gpg"].update(public_keys_file=str(other)))
+    missing = opsdrill("inventory", "check", str(env.path), "--for", "backup")
+    assert missing.returncode == 2 and "is not in gpg.public_keys_file" in missing.stderr
+
+
+def test_wrong_drill_passphrase_is_explained(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    env.backup()
+    monkeypatch.setenv("LEAKTEST_WRONG_PASS", "not-the-passphrase")
+    env.rewrite(lambda d: d["gpg"].update(drill_passphrase_env="LEAKTEST_WRONG_PASS"))
+    proc = opsdrill("restore", "-i", str(env.path), "-d", "crm", "--drill")
+    assert proc.returncode == 1, proc.stderr
+    assert "decrypt (gpg)" in proc.stderr and "wrong passphrase" in proc.stderr
+
+
+def test_failed_production_restore_drops_its_partial_database(env: Env) -> None:
+    env.backup()
+    ref = env.refs()[-1]
+    s3, store = env.s3()
+    resp = s3.get_object(store.bucket, ref.data_key)
+    body = resp.read()
+    resp.close()
+    resp.release_conn()
+    import io
+
+    s3.put_object(store.bucket, ref.data_key, io.BytesIO(body[:-100]), len(body) - 100)
+    proc = restore_into_sandbox(env, "--confirm", "crm", "--new-name", "crm_partial")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "verify: object is" in proc.stderr and "truncated" in proc.stderr
+    assert "partial database 'crm_partial' was dropped" in proc.stderr
+    again = restore_into_sandbox(env, "--confirm", "crm", "--new-name", "crm_partial")
+    assert "already exists" not in again.stderr
+
+
+def test_drill_works_while_live_is_down(env: Env) -> None:
+    from opsdrill.stack.procs import free_port
+
+    env.backup()
+    env.rewrite(
+        lambda d: d["databases"]["crm"].update(
+            dsn=f"postgresql://opsdrill@127.0.0.1:{free_port()}/crm"
+        )
+    )
+    proc = opsdrill("restore", "-i", str(env.path), "-d", "crm", "--drill")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "manifest match: exact" in proc.stdout
+    assert "unreachable: drift not compared" in proc.stdout
+
+
+def test_unreachable_store_exits_2_for_list(env: Env) -> None:
+    from opsdrill.stack.procs import free_port
+
+    env.rewrite(
+        lambda d: d["stores"]["offsite"].update(
+            endpoint=f"127.0.0.1:{free_port()}", timeout_seconds=2.0
+        )
+    )
+    proc = opsdrill("list", "-i", str(env.path))
+    assert proc.returncode == 2, proc.stderr
+    assert "S3 store unreachable" in proc.stderr and "Traceback" not in proc.stderr

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from opsdrill.errors import ConfigError
 from opsdrill.stack.procs import (
     as_service_user,
     chown_to,
@@ -34,16 +35,19 @@ FAST_SETTINGS = {
 
 
 def pg_bindir() -> Path:
-    """Newest installed PostgreSQL (Debian keeps each major under /usr/lib/postgresql/N)."""
+    """Newest installed PostgreSQL (Debian keeps each major under /usr/lib/postgresql/N).
+
+    Probes for pg_dump, which the client package has too: a backup host needs no server.
+    """
     found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4])
+        glob.glob("/usr/lib/postgresql/*/bin/pg_dump"), key=lambda p: int(p.split("/")[4])
     )
     if found:
         return Path(found[-1]).parent
-    which = shutil.which("pg_ctl")
+    which = shutil.which("pg_dump")
     if which:
         return Path(which).parent
-    raise RuntimeError("PostgreSQL server binaries not found (fix: apt-get install postgresql-15)")
+    raise ConfigError("PostgreSQL client tools not found (fix: apt-get install postgresql-client)")
 
 
 @dataclass
