@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -107,6 +107,38 @@ class Database(_Model):
     sandbox: Sandbox | None = None
 
 
+class Mirror(_Model):
+    """Copy a live bucket (``source`` store) to an off-site one (``target`` store)."""
+
+    source: str
+    target: str
+    rpo_minutes: float = Field(default=60, gt=0)
+    workers: int = Field(default=8, ge=1, le=64)
+    # "propagate" deletes off-site what is gone from live. It exists only so tests can prove
+    # that the delete-protection check catches such a mirror; never use it in production.
+    delete_mode: Literal["keep", "propagate"] = "keep"
+    canary_prefix: str = ".opsdrill-canary/"
+
+
+class SecretsBundle(_Model):
+    """The application's environment (.env with ENCRYPTION_KEY), backed up encrypted."""
+
+    env_file: str | None = None
+    command: list[str] | None = Field(default=None, min_length=1)
+    command_timeout_seconds: float = Field(default=30, gt=0)
+    store: str
+    prefix: str = "secrets"
+    required_keys: list[str] = Field(default_factory=list)
+    fingerprint_keys: list[str] = Field(default_factory=lambda: ["ENCRYPTION_KEY"])
+    rpo_minutes: float = Field(default=1440, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretsBundle:
+        if (self.env_file is None) == (self.command is None):
+            raise ValueError("set exactly one of env_file or command")
+        return self
+
+
 class InventoryModel(_Model):
     name: str = "default"
     environment: str = "production"
@@ -115,6 +147,8 @@ class InventoryModel(_Model):
     gpg: Gpg | None = None
     retention: Retention = Retention()
     databases: dict[str, Database] = Field(default_factory=dict)
+    mirrors: dict[str, Mirror] = Field(default_factory=dict)
+    secrets: dict[str, SecretsBundle] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -140,13 +174,16 @@ class Inventory:
         return self.model.name
 
     def database(self, name: str) -> Database:
-        try:
-            return self.model.databases[name]
-        except KeyError:
-            known = ", ".join(sorted(self.model.databases)) or "none"
-            raise ConfigError(
-                f"{self.path}: no database {name!r} (inventory has: {known})"
-            ) from None
+        return _named(self.path, self.model.databases, "databases", name)
+
+    def mirror(self, name: str) -> Mirror:
+        return _named(self.path, self.model.mirrors, "mirrors", name)
+
+    def bundle(self, name: str) -> SecretsBundle:
+        return _named(self.path, self.model.secrets, "secrets", name)
+
+    def store(self, name: str) -> Store:
+        return _named(self.path, self.model.stores, "stores", name)
 
     def store_for(self, db_name: str) -> tuple[str, Store]:
         store_name = self.database(db_name).store or next(iter(self.model.stores))
@@ -155,6 +192,17 @@ class Inventory:
     def resolve_path(self, value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.path.parent / p)
+
+
+T = TypeVar("T")
+
+
+def _named(path: Path, table: dict[str, T], section: str, name: str) -> T:
+    try:
+        return table[name]
+    except KeyError:
+        known = ", ".join(sorted(table)) or "none"
+        raise ConfigError(f"{path}: no {section}.{name} (inventory has: {known})") from None
 
 
 def _fix_hint(loc: str, err_type: str) -> str:
@@ -204,6 +252,30 @@ def _cross_checks(path: Path, model: InventoryModel) -> list[str]:
                 f"{path}: databases.{name}: encrypt = true needs a [gpg] section "
                 "(fix: add [gpg] recipients, or set encrypt = false explicitly)"
             )
+    for name, mirror in model.mirrors.items():
+        for role in ("source", "target"):
+            store = getattr(mirror, role)
+            if store not in model.stores:
+                problems.append(
+                    f"{path}: mirrors.{name}.{role}: no store {store!r} "
+                    f"(fix: use one of {sorted(model.stores)})"
+                )
+        if mirror.source == mirror.target:
+            problems.append(
+                f"{path}: mirrors.{name}: source and target are the same store "
+                "(fix: the target must be a different, off-site bucket)"
+            )
+    for name, bundle in model.secrets.items():
+        if bundle.store not in model.stores:
+            problems.append(
+                f"{path}: secrets.{name}.store: no store {bundle.store!r} "
+                f"(fix: use one of {sorted(model.stores)})"
+            )
+        if model.gpg is None:
+            problems.append(
+                f"{path}: secrets.{name}: a secrets bundle is always encrypted and needs a "
+                "[gpg] section (fix: add [gpg] recipients)"
+            )
     return problems
 
 
@@ -243,16 +315,23 @@ def _env_refs(model: InventoryModel) -> list[tuple[str, str, frozenset[str]]]:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """Parse a KEY=VALUE file (comments and blank lines allowed, optional quotes)."""
+    return parse_env_text(path.read_text(), where=str(path))
+
+
+def parse_env_text(text: str, where: str = "env") -> dict[str, str]:
+    """Parse KEY=VALUE lines (comments, blank lines, ``export`` and quotes allowed).
+
+    The error names the line number only: a malformed line may hold a secret value.
+    """
     values: dict[str, str] = {}
-    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         line = line.removeprefix("export ")
         key, sep, value = line.partition("=")
-        if not sep:
-            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where}:{lineno}: expected KEY=VALUE")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
