@@ -79,12 +79,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
         path = stack.up()
         print(f"local stack up: inventory {path}")
         if args.backup:
-            from opsdrill.backup import run_backup
+            from opsdrill.stack import prime
 
-            inv = load(path)
-            for name in inv.model.databases:
-                manifest = run_backup(inv, name)
-                print(f"backup {manifest.id}: {manifest.object['size']} bytes")
+            for line in prime(path):
+                print(line)
         return 0
     if args.stack_command == "down":
         stack.down()
@@ -136,6 +134,88 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for decision in prune(inv, name, dry_run=args.dry_run):
             verb = "keep  " if decision.keep else ("would delete" if args.dry_run else "delete")
             print(f"{verb} {decision.backup.id}: {decision.reason}")
+    return 0
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from opsdrill.mirror import run_mirror
+
+    inv = _inventory(args, scope="store")
+    names = [args.mirror] if args.mirror else list(inv.model.mirrors)
+    if not names:
+        raise ConfigError(f"{inv.path}: no [mirrors.*] defined")
+    failed = False
+    for name in names:
+        inv.mirror(name)
+        summary = run_mirror(inv, name, workers=args.workers)
+        print(summary.line())
+        for error in summary.errors[:50]:
+            print(f"  error: {error}", file=sys.stderr)
+        if len(summary.errors) > 50:
+            print(f"  ... {len(summary.errors) - 50} more errors", file=sys.stderr)
+        failed = failed or not summary.ok
+    return 1 if failed else 0
+
+
+def cmd_mirror_restore(args: argparse.Namespace) -> int:
+    from opsdrill.mirror import restore_mirror
+
+    inv = _inventory(args, scope="store")
+    inv.mirror(args.mirror)
+    inv.store(args.to_store)
+    as_of = datetime.fromisoformat(args.as_of) if args.as_of else None
+    if as_of is not None and as_of.tzinfo is None:
+        raise ConfigError("--as-of needs a timezone, e.g. 2026-11-27T14:00:00+00:00")
+    summary = restore_mirror(inv, args.mirror, to_store=args.to_store, as_of=as_of)
+    print(summary.line())
+    for error in summary.errors[:50]:
+        print(f"  error: {error}", file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from opsdrill import envbundle
+
+    if args.secrets_command == "backup":
+        inv = _inventory(args, scope="backup")
+        names = [args.bundle] if args.bundle else list(inv.model.secrets)
+        if not names:
+            raise ConfigError(f"{inv.path}: no [secrets.*] defined")
+        for name in names:
+            inv.bundle(name)
+            manifest = envbundle.backup_bundle(inv, name)
+            keys = ", ".join(
+                f"{k} {envbundle.short(v)}"
+                for k, v in sorted(manifest.keys.items())
+                if k in inv.bundle(name).fingerprint_keys
+            )
+            print(
+                f"secrets {manifest.id}: {len(manifest.keys)} keys encrypted to "
+                f"{len(manifest.object['recipients'])} recipient(s)"
+                + (f"; {keys}" if keys else "")
+                + f" -> {manifest.object['key']}"
+            )
+        return 0
+    inv = _inventory(args, scope="all" if args.secrets_command == "restore" else "store")
+    inv.bundle(args.bundle)
+    refs = [r for r in envbundle.list_bundles(inv, args.bundle) if r.complete]
+    if args.secrets_command == "list":
+        for ref in refs:
+            print(f"{ref.id}  {ref.taken_at:%Y-%m-%d %H:%M:%SZ}")
+        return 0
+    chosen = [r for r in refs if r.id == args.id] if args.id else refs[-1:]
+    if not chosen:
+        raise ConfigError(f"no complete secrets bundle {args.id or ''} for {args.bundle}")
+    raw = envbundle.decrypt_bundle_raw(inv, args.bundle, chosen[0])
+    target = Path(args.to)
+    if target.exists() and not args.force:
+        raise ConfigError(f"{target} exists; refusing to overwrite it (fix: --force)")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(raw)
+    os.chmod(target, 0o600)
+    restored_keys = len(envbundle.parse_env_bytes(raw, str(target)))
+    print(f"restored {restored_keys} keys from {chosen[0].id} into {target} (mode 0600)")
     return 0
 
 
@@ -247,7 +327,8 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opsdrill",
-        description="Back up, prune and restore PostgreSQL off-site, and prove it works.",
+        description="Back up PostgreSQL, the files bucket and the application's secrets "
+        "off-site; prune, restore, and prove it works.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -273,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = st_sub.add_parser("up", help="start servers, write DIR/inventory.toml, return")
     up.add_argument("--dir", default=DEFAULT_STACK_DIR)
     up.add_argument("--size-mb", type=int, default=8, help="demo CRM database size")
-    up.add_argument("--backup", action="store_true", help="take a first backup once up")
+    up.add_argument(
+        "--backup",
+        action="store_true",
+        help="run every operation once: backup, mirror, secrets bundle",
+    )
     down = st_sub.add_parser("down", help="stop the servers by PID and remove DIR")
     down.add_argument("--dir", default=DEFAULT_STACK_DIR)
     status = st_sub.add_parser("status", help="show which servers run")
@@ -302,6 +387,48 @@ def build_parser() -> argparse.ArgumentParser:
     with_inventory(pr)
     pr.add_argument("--dry-run", action="store_true", help="print keep/delete with reasons")
     pr.set_defaults(func=cmd_prune)
+
+    mi = sub.add_parser("mirror", help="copy new/changed files from the live bucket off-site")
+    mi.add_argument("--inventory", "-i", required=True, help="inventory TOML file")
+    mi.add_argument("--mirror", "-m", help="mirror name in the inventory (default: all)")
+    mi.add_argument("--workers", type=int, help="parallel copies (default: the inventory's)")
+    mi.set_defaults(func=cmd_mirror)
+
+    mr = sub.add_parser(
+        "mirror-restore",
+        help="copy the off-site files into a fresh bucket, as of now or a point in time",
+    )
+    mr.add_argument("--inventory", "-i", required=True, help="inventory TOML file")
+    mr.add_argument("--mirror", "-m", required=True, help="mirror name in the inventory")
+    mr.add_argument(
+        "--to-store",
+        required=True,
+        help="inventory store to copy into (its bucket/prefix must be empty)",
+    )
+    mr.add_argument(
+        "--as-of",
+        metavar="ISO8601",
+        help="restore the versions current at this time (default: now)",
+    )
+    mr.set_defaults(func=cmd_mirror_restore)
+
+    se = sub.add_parser("secrets", help="the application's .env (ENCRYPTION_KEY) off-site")
+    se_sub = se.add_subparsers(dest="secrets_command", required=True)
+    sb = se_sub.add_parser(
+        "backup", help="encrypt the env and upload it with a fingerprint manifest"
+    )
+    sb.add_argument("--inventory", "-i", required=True)
+    sb.add_argument("--bundle", "-b", help="bundle name in the inventory (default: all)")
+    sl = se_sub.add_parser("list", help="list stored bundles")
+    sl.add_argument("--inventory", "-i", required=True)
+    sl.add_argument("--bundle", "-b", required=True)
+    sr = se_sub.add_parser("restore", help="decrypt a bundle into an env file (mode 0600)")
+    sr.add_argument("--inventory", "-i", required=True)
+    sr.add_argument("--bundle", "-b", required=True)
+    sr.add_argument("--to", required=True, metavar="PATH", help="env file to write")
+    sr.add_argument("--id", help="bundle id (default: newest)")
+    sr.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    se.set_defaults(func=cmd_secrets)
 
     rs = sub.add_parser("restore", help="restore a backup: --drill into the sandbox, or --into")
     with_inventory(rs, db_required=True)

@@ -79,7 +79,8 @@ class GpgHome:
                     "public key into the file)"
                 )
             ids = [sub[0] for sub in key.get("subkeys", []) if "e" in sub[1]]
-            if "e" in key.get("cap", "").lower() or not ids:
+            # lowercase "e" in cap: the primary key itself encrypts (uppercase = any subkey)
+            if "e" in key.get("cap", "") or not ids:
                 ids.append(str(key["keyid"]))
             out[fpr] = ids
         return out

@@ -25,7 +25,7 @@ def client(inv: Inventory, store: Store, *, retries: int = 3) -> Minio:
         )
     http = urllib3.PoolManager(
         timeout=timeout,
-        maxsize=10,
+        maxsize=32,  # mirror workers share one client: up to 32 connections per host
         retries=urllib3.Retry(
             total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
         ),

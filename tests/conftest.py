@@ -3,6 +3,7 @@ derive inventories, plant backups and run the real checks in a subprocess."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -96,6 +97,15 @@ class Env:
         _, store = inv.store_for(name)
         return catalog.list_backups(client(inv, store), store, name)
 
+    def store(self, store: str) -> tuple[Any, Any]:
+        inv = self.inv
+        st = inv.store(store)
+        return client(inv, st), st
+
+    def put(self, store: str, rel: str, body: bytes) -> None:
+        s3, st = self.store(store)
+        s3.put_object(st.bucket, st.prefix + rel, io.BytesIO(body), len(body))
+
     def s3(self, name: str = "crm") -> Any:
         inv = self.inv
         _, store = inv.store_for(name)
@@ -105,14 +115,24 @@ class Env:
         return run_checks(self.path, *selectors, extra=extra, workdir=self.path.parent)
 
 
-def derive(stack: Stack, tmp_path: Path, *, own_database: bool = False) -> Env:
-    """Copy the stack's inventory with a fresh S3 prefix (and database) for isolation."""
+def derive(stack: Stack, tmp_path: Path, *, own_database: bool = False, own_files: int = 0) -> Env:
+    """Copy the stack's inventory with fresh S3 prefixes, its own copy of the app's .env,
+    and optionally its own database and live files, so tests can sabotage in isolation."""
     data = stack.data
     base = stack.inventory_path.parent
+    tag = uuid.uuid4().hex[:10]
     data["env_file"] = str(base / data["env_file"])
     for key in ("public_keys_file", "drill_private_key_file"):
         data["gpg"][key] = str(base / data["gpg"][key])
-    data["stores"]["offsite"]["prefix"] = f"t-{uuid.uuid4().hex[:10]}"
+    data["stores"]["offsite"]["prefix"] = f"t-{tag}"
+    data["stores"]["offsite-files"]["prefix"] = f"files-{tag}/"
+    data["stores"]["restored-files"]["prefix"] = f"restored-{tag}/"
+    app_env = tmp_path / "app.env"
+    app_env.write_text((base / data["secrets"]["app"]["env_file"]).read_text())
+    app_env.chmod(0o600)
+    data["secrets"]["app"]["env_file"] = str(app_env)
+    if own_files:
+        data["stores"]["live-files"]["prefix"] = f"live-{tag}/"
     if own_database:
         dbname = f"crm_{uuid.uuid4().hex[:8]}"
         with stack.live_conn("postgres") as conn:
@@ -121,7 +141,11 @@ def derive(stack: Stack, tmp_path: Path, *, own_database: bool = False) -> Env:
         data["databases"]["crm"]["dsn"] = dsn.rsplit("/", 1)[0] + "/" + dbname
     path = tmp_path / "inventory.toml"
     path.write_text(tomli_w.dumps(data))
-    return Env(stack, path, data)
+    env = Env(stack, path, data)
+    for i in range(own_files):
+        body = f"file {i} of test {tag}\n".encode() * (i + 1)
+        env.put("live-files", f"docs/file-{i:03d}.txt", body)
+    return env
 
 
 @pytest.fixture

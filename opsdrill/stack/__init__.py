@@ -8,6 +8,7 @@ one place (``_components``) so later servers (DNS, mail) slot in beside these.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -29,6 +30,9 @@ INVENTORY_FILE = "inventory.toml"
 SECRETS_FILE = "secrets.env"
 DEMO_DB = "crm"
 BUCKET = "opsdrill-offsite"
+FILES_BUCKET = "crm-files"
+FILES_MIRROR_BUCKET = "crm-files-mirror"
+FILES_RESTORE_BUCKET = "crm-files-restored"
 
 
 def _secret(label: str) -> str:
@@ -51,6 +55,12 @@ class Component(Protocol):
 
 
 COMPONENT_KINDS: dict[str, type[Any]] = {"postgres": PgCluster, "s3": S3Server}
+
+
+def _moto_version() -> str:
+    from importlib.metadata import version
+
+    return version("moto")
 
 
 def _check_traversable(base: Path) -> None:
@@ -89,11 +99,14 @@ class LocalStack:
             "OPSDRILL_SANDBOX_PG_PASSWORD": _secret("sandboxpg"),
             "OPSDRILL_OFFSITE_ACCESS_KEY": _secret("s3access"),
             "OPSDRILL_OFFSITE_SECRET_KEY": _secret("s3secret"),
+            "OPSDRILL_LIVE_S3_ACCESS_KEY": _secret("lives3access"),
+            "OPSDRILL_LIVE_S3_SECRET_KEY": _secret("lives3secret"),
             "OPSDRILL_GPG_PASSPHRASE": _secret("gpgpass"),
         }
         live = PgCluster("live", self.base / "pg-live")
         sandbox = PgCluster("sandbox", self.base / "pg-sandbox")
-        s3 = S3Server("offsite", self.base / "s3-offsite")
+        offsite = S3Server("offsite", self.base / "s3-offsite")
+        live_s3 = S3Server("live", self.base / "s3-live")
         try:
             live.init(creds["OPSDRILL_LIVE_PG_PASSWORD"])
             sandbox.init(creds["OPSDRILL_SANDBOX_PG_PASSWORD"])
@@ -101,20 +114,23 @@ class LocalStack:
             self._record("pg_live", live)
             sandbox.start()
             self._record("pg_sandbox", sandbox)
-            s3.start()
-            self._record("s3_offsite", s3)
+            offsite.start()
+            self._record("s3_offsite", offsite)
+            live_s3.start()
+            self._record("s3_live", live_s3)
             keys = generate_keypair(
                 self.base / "gpg", "opsdrill backup", creds["OPSDRILL_GPG_PASSPHRASE"]
             )
             self._seed(live, creds["OPSDRILL_LIVE_PG_PASSWORD"])
-            self._make_bucket(s3, creds)
+            self._make_buckets(offsite, live_s3, creds)
+            app_env = self._write_app_env()
         except BaseException:
             self.down()
             raise
         self._write_secrets(creds)
-        self._write_inventory(live, sandbox, s3, keys.fingerprint, keys)
+        self._write_inventory(live, sandbox, offsite, live_s3, keys, app_env)
         self.state["started_seconds"] = round(time.monotonic() - started, 2)
-        self.state["versions"] = {"postgresql": live.version()}
+        self.state["versions"] = {"postgresql": live.version(), "s3": "moto " + _moto_version()}
         self._save_state()
         return self.inventory_path
 
@@ -183,17 +199,48 @@ class LocalStack:
         with psycopg.connect(dbname=DEMO_DB, **kw) as conn:  # type: ignore[arg-type]
             create_demo_crm(conn, size_mb=self.size_mb)
 
-    def _make_bucket(self, s3: S3Server, creds: dict[str, str]) -> None:
+    def _make_buckets(self, offsite: S3Server, live_s3: S3Server, creds: dict[str, str]) -> None:
         from minio import Minio
+        from minio.commonconfig import ENABLED
+        from minio.versioningconfig import VersioningConfig
 
-        client = Minio(
-            f"127.0.0.1:{s3.port}",
-            creds["OPSDRILL_OFFSITE_ACCESS_KEY"],
-            creds["OPSDRILL_OFFSITE_SECRET_KEY"],
-            secure=False,
-            region="us-east-1",
-        )
-        client.make_bucket(BUCKET)
+        from opsdrill.stack.demo_files import create_demo_files
+
+        def client(server: S3Server, who: str) -> Minio:
+            return Minio(
+                f"127.0.0.1:{server.port}",
+                creds[f"OPSDRILL_{who}_ACCESS_KEY"],
+                creds[f"OPSDRILL_{who}_SECRET_KEY"],
+                secure=False,
+                region="us-east-1",
+            )
+
+        off = client(offsite, "OFFSITE")
+        off.make_bucket(BUCKET)
+        off.make_bucket(FILES_MIRROR_BUCKET)
+        # Versioning keeps the previous content of an overwritten file recoverable off-site.
+        off.set_bucket_versioning(FILES_MIRROR_BUCKET, VersioningConfig(ENABLED))
+        off.make_bucket(FILES_RESTORE_BUCKET)
+        live_client = client(live_s3, "LIVE_S3")
+        live_client.make_bucket(FILES_BUCKET)
+        create_demo_files(live_client, FILES_BUCKET)
+
+    def _write_app_env(self) -> Path:
+        """The application's .env, as the secrets bundle reads it on a real host."""
+        app = self.base / "app"
+        app.mkdir(exist_ok=True)
+        path = app / ".env"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(
+                "# demo CRM application environment\n"
+                f"ENCRYPTION_KEY={base64.b64encode(secrets.token_bytes(32)).decode()}\n"
+                f"DATABASE_URL=postgresql://crm_app:{_secret('apppg')}@127.0.0.1/crm\n"
+                f"SMTP_PASSWORD={_secret('smtp')}\n"
+                "SMTP_HOST=127.0.0.1\n"
+                "SMTP_FROM=crm@example.test\n"
+            )
+        return path
 
     def _write_secrets(self, creds: dict[str, str]) -> None:
         path = self.base / SECRETS_FILE
@@ -204,25 +251,37 @@ class LocalStack:
                 fh.write(f"{key}={value}\n")
 
     def _write_inventory(
-        self, live: PgCluster, sandbox: PgCluster, s3: S3Server, fingerprint: str, keys: Any
+        self,
+        live: PgCluster,
+        sandbox: PgCluster,
+        offsite: S3Server,
+        live_s3: S3Server,
+        keys: Any,
+        app_env: Path,
     ) -> None:
+        def store(server: S3Server, who: str, bucket: str, prefix: str) -> dict[str, Any]:
+            return {
+                "endpoint": f"127.0.0.1:{server.port}",
+                "bucket": bucket,
+                "prefix": prefix,
+                "secure": False,
+                "access_key_env": f"OPSDRILL_{who}_ACCESS_KEY",
+                "secret_key_env": f"OPSDRILL_{who}_SECRET_KEY",
+                "timeout_seconds": 20.0,
+            }
+
         inventory = {
             "name": "local-stack",
             "environment": "local",
             "env_file": SECRETS_FILE,
             "stores": {
-                "offsite": {
-                    "endpoint": f"127.0.0.1:{s3.port}",
-                    "bucket": BUCKET,
-                    "prefix": "pg",
-                    "secure": False,
-                    "access_key_env": "OPSDRILL_OFFSITE_ACCESS_KEY",
-                    "secret_key_env": "OPSDRILL_OFFSITE_SECRET_KEY",
-                    "timeout_seconds": 20.0,
-                }
+                "offsite": store(offsite, "OFFSITE", BUCKET, "pg"),
+                "live-files": store(live_s3, "LIVE_S3", FILES_BUCKET, ""),
+                "offsite-files": store(offsite, "OFFSITE", FILES_MIRROR_BUCKET, "files/"),
+                "restored-files": store(offsite, "OFFSITE", FILES_RESTORE_BUCKET, ""),
             },
             "gpg": {
-                "recipients": [fingerprint],
+                "recipients": [keys.fingerprint],
                 "public_keys_file": str(keys.public_file.relative_to(self.base)),
                 "drill_private_key_file": str(keys.secret_file.relative_to(self.base)),
                 "drill_passphrase_env": "OPSDRILL_GPG_PASSPHRASE",
@@ -232,6 +291,7 @@ class LocalStack:
                 DEMO_DB: {
                     "dsn": f"postgresql://{SUPERUSER}@127.0.0.1:{live.port}/{DEMO_DB}",
                     "password_env": "OPSDRILL_LIVE_PG_PASSWORD",
+                    "store": "offsite",
                     "rpo_minutes": 60,
                     "rto_minutes": 15,
                     "content_hashes": True,
@@ -241,8 +301,52 @@ class LocalStack:
                     },
                 }
             },
+            "mirrors": {
+                "files": {
+                    "source": "live-files",
+                    "target": "offsite-files",
+                    "rpo_minutes": 60,
+                    "workers": 4,
+                }
+            },
+            "secrets": {
+                "app": {
+                    "env_file": str(app_env.relative_to(self.base)),
+                    "store": "offsite",
+                    "prefix": "secrets",
+                    "required_keys": ["ENCRYPTION_KEY", "DATABASE_URL"],
+                    "fingerprint_keys": ["ENCRYPTION_KEY"],
+                    "rpo_minutes": 1440,
+                }
+            },
         }
         self.inventory_path.write_text(
             "# Written by `opsdrill stack up`: the local stack's targets.\n"
             + tomli_w.dumps(inventory)
         )
+
+
+def prime(inventory_path: Path) -> list[str]:
+    """Run every operation once (backup, mirror, secrets bundle), as cron would have.
+
+    The checks then verify what the real operations produced.
+    """
+    from opsdrill.backup import run_backup
+    from opsdrill.envbundle import backup_bundle
+    from opsdrill.inventory import load
+    from opsdrill.mirror import run_mirror
+
+    inv = load(inventory_path)
+    lines = []
+    for name in inv.model.databases:
+        manifest = run_backup(inv, name)
+        lines.append(f"backup {manifest.id}: {manifest.object['size']} bytes")
+    for name in inv.model.mirrors:
+        summary = run_mirror(inv, name)
+        if not summary.ok:
+            raise RuntimeError(f"priming mirror {name} failed: {summary.errors[:3]}")
+        lines.append(summary.line())
+    for name in inv.model.secrets:
+        bundle = backup_bundle(inv, name)
+        lines.append(f"secrets {bundle.id}: {len(bundle.keys)} keys")
+    return lines

@@ -1,0 +1,124 @@
+"""The application's secrets (.env, ENCRYPTION_KEY) are backed up, restorable and current.
+
+Evidence and messages carry key names and salted fingerprints only, never values.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import allure
+import pytest
+
+from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json
+from fixtures.files import BundleTarget, age_minutes
+from opsdrill import envbundle
+from opsdrill.errors import OperationFailed
+
+RUNBOOK = f"{RUNBOOK_BACKUP}#secrets-bundle"
+FRESH = Check("secrets.bundle.freshness", "critical", RUNBOOK, "backups", "secrets bundle")
+DECRYPTS = Check("secrets.bundle.decrypts", "critical", RUNBOOK, "backups", "secrets bundle")
+KEY_MATCH = Check("secrets.bundle.encryption_key", "blocker", RUNBOOK, "backups", "secrets bundle")
+REQUIRED = Check("secrets.bundle.required_keys", "critical", RUNBOOK, "backups", "secrets bundle")
+
+pytestmark = pytest.mark.secrets
+
+
+def _newest(
+    target: BundleTarget, check: Check
+) -> tuple[envbundle.BundleRef, envbundle.BundleManifest]:
+    found = target.newest()
+    if found is None:
+        check.fail(target.id, "no complete secrets bundle off-site")
+    return found
+
+
+@FRESH
+def check_newest_bundle_is_fresh(bundle_target: BundleTarget) -> None:
+    rpo = bundle_target.cfg.rpo_minutes
+    allure.dynamic.title(f"{bundle_target.name} secrets bundle is younger than {rpo:g} min")
+    ref, manifest = _newest(bundle_target, FRESH)
+    age = age_minutes(ref.taken_at, datetime.now(UTC))
+    attach_json(
+        "newest bundle",
+        {
+            "id": ref.id,
+            "taken_at": ref.taken_at,
+            "keys": sorted(manifest.keys),
+            "age_minutes": round(age, 1),
+        },
+    )
+    if age > rpo:
+        FRESH.fail(
+            bundle_target.id,
+            f"expected a bundle younger than {rpo:g} min, found newest {ref.id} {age:.0f} min old",
+        )
+
+
+@DECRYPTS
+def check_bundle_decrypts_with_drill_key(bundle_target: BundleTarget) -> None:
+    allure.dynamic.title(f"{bundle_target.name} secrets bundle decrypts with the drill key")
+    ref, manifest = _newest(bundle_target, DECRYPTS)
+    try:
+        values = bundle_target.decrypt(ref)
+    except OperationFailed as exc:
+        DECRYPTS.fail(bundle_target.id, f"bundle {ref.id}: {exc.message}")
+    wrong = sorted(
+        k
+        for k, v in values.items()
+        if envbundle.fingerprint(v, manifest.salt) != manifest.keys.get(k)
+    )
+    attach_json(
+        "decrypted",
+        {"id": ref.id, "keys": sorted(values), "fingerprints_match_manifest": not wrong},
+    )
+    if wrong or set(values) != set(manifest.keys):
+        DECRYPTS.fail(
+            bundle_target.id,
+            f"bundle {ref.id} decrypts but does not match its "
+            f"manifest (keys {wrong or sorted(set(values) ^ set(manifest.keys))})",
+        )
+
+
+@KEY_MATCH
+def check_encryption_key_matches_live(bundle_target: BundleTarget) -> None:
+    keys = bundle_target.cfg.fingerprint_keys
+    allure.dynamic.title(f"{bundle_target.name} backed-up {', '.join(keys)} equals the live one")
+    ref, manifest = _newest(bundle_target, KEY_MATCH)
+    live = bundle_target.live_env()
+    problems = envbundle.compare_to_live(manifest, live, keys)
+    attach_json(
+        "fingerprints",
+        {
+            "id": ref.id,
+            "off_site": {k: envbundle.short(manifest.keys[k]) for k in keys if k in manifest.keys},
+            "live": {
+                k: envbundle.short(envbundle.fingerprint(live[k], manifest.salt))
+                for k in keys
+                if k in live
+            },
+        },
+    )
+    if problems:
+        KEY_MATCH.fail(
+            bundle_target.id,
+            f"bundle {ref.id}: "
+            + "; ".join(problems)
+            + " — after a restore every encrypted column would be unreadable",
+        )
+
+
+@REQUIRED
+def check_required_keys_present(bundle_target: BundleTarget) -> None:
+    required = bundle_target.cfg.required_keys
+    allure.dynamic.title(f"{bundle_target.name} secrets bundle holds {', '.join(required)}")
+    ref, manifest = _newest(bundle_target, REQUIRED)
+    missing = envbundle.missing_required(manifest.keys, required)
+    attach_json(
+        "keys",
+        {"id": ref.id, "present": sorted(manifest.keys), "required": required, "missing": missing},
+    )
+    if missing:
+        REQUIRED.fail(
+            bundle_target.id, f"bundle {ref.id}: expected keys {required}, missing {missing}"
+        )

@@ -1,0 +1,157 @@
+"""Every files-mirror and secrets-bundle check can fail: sabotage, run the real checks,
+assert the named check FAILS with a message naming the problem."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from minio.commonconfig import ENABLED
+from minio.versioningconfig import SUSPENDED, VersioningConfig
+
+from opsdrill.envbundle import backup_bundle
+from opsdrill.mirror import run_mirror
+from opsdrill.stack.gnupg_keys import generate_keypair
+from tests.conftest import Env, Stack, derive
+
+FILE_CHECKS = [
+    "files.mirror.parity",
+    "files.mirror.lag",
+    "files.mirror.delete_protection",
+    "files.mirror.overwrite_protection",
+]
+SECRET_CHECKS = [
+    "secrets.bundle.freshness",
+    "secrets.bundle.decrypts",
+    "secrets.bundle.encryption_key",
+    "secrets.bundle.required_keys",
+]
+
+
+def mirrored(stack: Stack, tmp_path: Path, files: int = 12) -> Env:
+    env = derive(stack, tmp_path, own_files=files)
+    summary = run_mirror(env.inv, "files")
+    assert summary.ok and summary.copied == files, summary.line()
+    return env
+
+
+def test_healthy_mirror_and_bundle_pass_every_check(stack: Stack, tmp_path: Path) -> None:
+    env = mirrored(stack, tmp_path)
+    backup_bundle(env.inv, "app")
+    run = env.run_checks(
+        "check_files_mirror.py", "check_files_protection.py", "check_secrets_bundle.py"
+    )
+    for check_id in FILE_CHECKS + SECRET_CHECKS:
+        run.assert_passes(check_id)
+    assert "mirror:files" in run.output or run.returncode == 0
+
+
+def test_live_file_missing_off_site_fails_parity(stack: Stack, tmp_path: Path) -> None:
+    env = mirrored(stack, tmp_path)
+    s3, st = env.store("offsite-files")
+    s3.remove_object(st.bucket, st.prefix + "docs/file-003.txt")
+    run = env.run_checks("check_files_mirror.py")
+    run.assert_fails("files.mirror.parity", "mirror:files", "1 missing", "docs/file-003.txt")
+
+
+def test_off_site_file_with_different_bytes_fails_parity(stack: Stack, tmp_path: Path) -> None:
+    env = mirrored(stack, tmp_path)
+    env.put("offsite-files", "docs/file-005.txt", b"silently corrupted off-site copy\n")
+    run = env.run_checks("check_files_mirror.py")
+    run.assert_fails("files.mirror.parity", "1 differing", "docs/file-005.txt")
+
+
+def test_unmirrored_file_older_than_rpo_fails_lag(stack: Stack, tmp_path: Path) -> None:
+    env = mirrored(stack, tmp_path)
+    env.put("live-files", "docs/new-upload.txt", b"uploaded after the last mirror run\n")
+    env.rewrite(lambda d: d["mirrors"]["files"].update(rpo_minutes=0.0001))
+    run = env.run_checks("check_files_mirror.py")
+    run.assert_fails("files.mirror.lag", "1 not mirrored", "docs/new-upload.txt")
+
+
+def test_mirror_that_propagates_deletes_fails_delete_protection(
+    stack: Stack, tmp_path: Path
+) -> None:
+    env = mirrored(stack, tmp_path)
+    env.rewrite(lambda d: d["mirrors"]["files"].update(delete_mode="propagate"))
+    run = env.run_checks("check_files_protection.py")
+    run.assert_fails(
+        "files.mirror.delete_protection",
+        "to survive its deletion on live",
+        "delete_mode = 'propagate'",
+    )
+    run.assert_passes("files.mirror.overwrite_protection")
+
+
+def test_target_without_versioning_fails_overwrite_protection(stack: Stack, tmp_path: Path) -> None:
+    env = mirrored(stack, tmp_path)
+    s3, st = env.store("offsite-files")
+    s3.set_bucket_versioning(st.bucket, VersioningConfig(SUSPENDED))
+    try:
+        run = env.run_checks("check_files_protection.py")
+    finally:
+        s3.set_bucket_versioning(st.bucket, VersioningConfig(ENABLED))
+    run.assert_fails(
+        "files.mirror.overwrite_protection", "previous content", "destroys the last good copy"
+    )
+
+
+def test_stale_bundle_fails_freshness(env: Env) -> None:
+    backup_bundle(env.inv, "app", now=datetime.now(UTC) - timedelta(days=3))
+    run = env.run_checks("check_secrets_bundle.py")
+    run.assert_fails("secrets.bundle.freshness", "secrets:app", "younger than 1440 min")
+
+
+def test_rotated_encryption_key_fails_loudly(env: Env) -> None:
+    backup_bundle(env.inv, "app")
+    app_env = Path(env.data["secrets"]["app"]["env_file"])
+    rotated = base64.b64encode(secrets.token_bytes(32)).decode()
+    lines = [
+        f"ENCRYPTION_KEY={rotated}" if line.startswith("ENCRYPTION_KEY=") else line
+        for line in app_env.read_text().splitlines()
+    ]
+    app_env.write_text("\n".join(lines) + "\n")
+    run = env.run_checks("check_secrets_bundle.py")
+    msg = run.assert_fails("secrets.bundle.encryption_key", "ENCRYPTION_KEY", "differs")
+    assert rotated not in msg and rotated not in run.output
+
+
+def test_bundle_encrypted_to_wrong_key_fails_decrypts(env: Env, tmp_path: Path) -> None:
+    other = generate_keypair(tmp_path / "other", "someone else", "another passphrase")
+    original = dict(env.data["gpg"])
+    env.rewrite(
+        lambda d: d["gpg"].update(
+            recipients=[other.fingerprint], public_keys_file=str(other.public_file)
+        )
+    )
+    backup_bundle(env.inv, "app")
+    env.rewrite(lambda d: d.update(gpg=original))
+    run = env.run_checks("check_secrets_bundle.py")
+    run.assert_fails("secrets.bundle.decrypts", "decrypt", other.fingerprint)
+
+
+def test_missing_required_key_fails(env: Env) -> None:
+    env.rewrite(
+        lambda d: d["secrets"]["app"].update(
+            required_keys=["ENCRYPTION_KEY", "DATABASE_URL", "S3_SECRET_KEY"]
+        )
+    )
+    backup_bundle(env.inv, "app")
+    run = env.run_checks("check_secrets_bundle.py")
+    run.assert_fails("secrets.bundle.required_keys", "missing ['S3_SECRET_KEY']")
+
+
+def test_unreadable_live_env_is_broken(env: Env) -> None:
+    backup_bundle(env.inv, "app")
+
+    def use_failing_command(d: dict[str, Any]) -> None:
+        del d["secrets"]["app"]["env_file"]
+        d["secrets"]["app"]["command"] = ["false"]
+
+    env.rewrite(use_failing_command)
+    run = env.run_checks("check_secrets_bundle.py")
+    assert run.status("secrets.bundle.encryption_key") == "broken"
+    assert "false" in run.message("secrets.bundle.encryption_key")

@@ -1,0 +1,414 @@
+"""``opsdrill mirror`` against two real S3 servers (moto processes): live and off-site.
+
+Each test mirrors its own prefix, so tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import secrets
+import shutil
+import tempfile
+import time
+import tracemalloc
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from minio import Minio
+from minio.commonconfig import ENABLED
+from minio.error import S3Error
+from minio.versioningconfig import VersioningConfig
+
+from opsdrill import mirror
+from opsdrill.errors import ConfigError, OperationFailed, RefusedError, TargetUnreachable
+from opsdrill.inventory import Inventory, load
+from opsdrill.mirror import SHA_META, MirrorSummary, restore_mirror, run_mirror, target_key
+from opsdrill.stack.procs import free_port
+from opsdrill.stack.s3server import S3Server
+
+LIVE, OFFSITE, RESTORED, PLAIN = "live-files", "offsite-files", "restored-files", "plain-offsite"
+MiB = 1024 * 1024
+CANARY = ".opsdrill-canary/"
+
+
+def sha(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def read(s3: Minio, bucket: str, key: str, version_id: str | None = None) -> bytes:
+    response = s3.get_object(bucket, key, version_id=version_id)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def read_all(s3: Minio, bucket: str, prefix: str) -> dict[str, bytes]:
+    objects = s3.list_objects(bucket, prefix=prefix, recursive=True)
+    return {o.object_name[len(prefix) :]: read(s3, bucket, o.object_name) for o in objects}
+
+
+def versions(s3: Minio, bucket: str, key: str) -> list[Any]:
+    return [o for o in s3.list_objects(bucket, prefix=key, include_version=True)]
+
+
+@dataclass
+class World:
+    live: Minio
+    offsite: Minio
+    live_endpoint: str
+    offsite_endpoint: str
+    base: Path
+    secrets: dict[str, str]
+
+    def inventory(
+        self,
+        tag: str,
+        *,
+        delete_mode: str = "keep",
+        restored_prefix: str | None = None,
+        live_endpoint: str | None = None,
+        target_bucket: str = OFFSITE,
+    ) -> Inventory:
+        def store(endpoint: str, bucket: str, prefix: str, who: str) -> dict[str, Any]:
+            return {
+                "endpoint": endpoint,
+                "bucket": bucket,
+                "prefix": prefix,
+                "secure": False,
+                "access_key_env": f"MIRROR_TEST_{who}_ACCESS",
+                "secret_key_env": f"MIRROR_TEST_{who}_SECRET",
+                "timeout_seconds": 5.0,
+            }
+
+        data = {
+            "name": "mirror-test",
+            "env_file": str(self.base / "secrets.env"),
+            "stores": {
+                "live": store(live_endpoint or self.live_endpoint, LIVE, f"{tag}/", "LIVE"),
+                # no trailing slash: the prefix still names the folder "mirror/<tag>/"
+                "offsite": store(self.offsite_endpoint, target_bucket, f"mirror/{tag}", "OFFSITE"),
+                "restored": store(
+                    self.offsite_endpoint, RESTORED, restored_prefix or f"{tag}/", "OFFSITE"
+                ),
+            },
+            "mirrors": {
+                "files": {
+                    "source": "live",
+                    "target": "offsite",
+                    "workers": 4,
+                    "delete_mode": delete_mode,
+                }
+            },
+        }
+        path = self.base / f"inventory-{tag}-{uuid.uuid4().hex[:8]}.toml"
+        path.write_text(tomli_w.dumps(data))
+        return load(path)
+
+    def seed(self, tag: str, objects: dict[str, bytes]) -> None:
+        for rel, body in objects.items():
+            self.live.put_object(LIVE, f"{tag}/{rel}", io.BytesIO(body), len(body))
+
+    def target(self, inv: Inventory, rel: str) -> str:
+        return target_key(inv, "files", rel)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    base = Path(tempfile.mkdtemp(prefix="mirror-helper-"))
+    servers = [S3Server("live", base), S3Server("offsite", base)]
+    values = {
+        f"MIRROR_TEST_{who}_{what}": secrets.token_hex(12)
+        for who in ("LIVE", "OFFSITE")
+        for what in ("ACCESS", "SECRET")
+    }
+    (base / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    try:
+        for server in servers:
+            server.start()
+        live, offsite = (
+            Minio(
+                f"127.0.0.1:{server.port}",
+                access_key=values[f"MIRROR_TEST_{who}_ACCESS"],
+                secret_key=values[f"MIRROR_TEST_{who}_SECRET"],
+                secure=False,
+            )
+            for server, who in zip(servers, ("LIVE", "OFFSITE"), strict=True)
+        )
+        live.make_bucket(LIVE)
+        offsite.make_bucket(OFFSITE)
+        offsite.set_bucket_versioning(OFFSITE, VersioningConfig(ENABLED))
+        offsite.make_bucket(PLAIN)  # never versioned: a mirror must refuse it
+        yield World(
+            live,
+            offsite,
+            f"127.0.0.1:{servers[0].port}",
+            f"127.0.0.1:{servers[1].port}",
+            base,
+            values,
+        )
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mirrored(world: World) -> tuple[Inventory, dict[str, bytes], MirrorSummary]:
+    """The realistic data set, mirrored once: shared read-only by the tests that use it."""
+    data = {
+        f"reports/{i % 4}/day-{i:02d}/r{i}.json": (f'{{"row": {i}}}\n' * (i + 1)).encode()
+        for i in range(50)
+    }
+    data |= {
+        "docs/Zoë résumé.pdf": os.urandom(3000),
+        "a b/c d.txt": b"spaces in both parts of the key",
+        "empty": b"",
+        f"{CANARY}canary-1": b"canary: the delete-protection check watches this",
+    }
+    world.seed("base", data)
+    big = os.urandom(20 * MiB)
+    world.live.put_object(LIVE, "base/big/blob.bin", io.BytesIO(big), len(big), part_size=5 * MiB)
+    data["big/blob.bin"] = big
+    inv = world.inventory("base")
+    return inv, data, run_mirror(inv, "files")
+
+
+def test_first_run_copies_everything_with_its_sha256(mirrored: Any, world: World) -> None:
+    inv, data, first = mirrored
+    assert first.errors == []
+    n = len(data)
+    assert (first.examined, first.copied, first.skipped, first.same_content) == (n, n, 0, 0)
+    assert first.bytes_copied == sum(len(b) for b in data.values())
+    assert "-" in world.live.stat_object(LIVE, "base/big/blob.bin").etag  # not an MD5
+    for rel, body in data.items():
+        stat = world.offsite.stat_object(OFFSITE, world.target(inv, rel))
+        assert stat.metadata[f"x-amz-meta-{SHA_META}"] == sha(body), rel
+    assert read_all(world.offsite, OFFSITE, "mirror/base/") == data | {
+        ".opsdrill-mirror/index-files.json": read(
+            world.offsite, OFFSITE, mirror.index_key(inv, "files")
+        )
+    }
+    assert first.line().startswith(f"mirror files: examined {n}, copied {n} (20.0 MiB), skipped 0")
+
+
+def test_second_run_only_lists(mirrored: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    inv, data, _ = mirrored
+    calls = {"get_object": 0, "stat_object": 0, "put_object": 0}
+    for method in calls:
+        original = getattr(Minio, method)
+
+        def counted(self: Minio, *a: Any, _m: str = method, _f: Any = original, **k: Any) -> Any:
+            calls[_m] += 1
+            return _f(self, *a, **k)
+
+        monkeypatch.setattr(Minio, method, counted)
+    second = run_mirror(inv, "files")
+    assert second.ok
+    assert (second.examined, second.skipped, second.copied) == (len(data), len(data), 0)
+    assert calls == {"get_object": 1, "stat_object": 0, "put_object": 0}  # 1: the index
+
+
+def test_restore_reproduces_the_source(mirrored: Any, world: World) -> None:
+    inv, data, _ = mirrored
+    summary = restore_mirror(inv, "files", to_store="restored")
+    assert summary.ok, summary.errors
+    expected = {rel: body for rel, body in data.items() if not rel.startswith(CANARY)}
+    assert (summary.examined, summary.copied) == (len(expected), len(expected))
+    assert read_all(world.offsite, RESTORED, "base/") == expected  # no index, no canary
+    stat = world.offsite.stat_object(RESTORED, "base/big/blob.bin")
+    assert stat.metadata[f"x-amz-meta-{SHA_META}"] == sha(data["big/blob.bin"])
+    with pytest.raises(RefusedError, match="already holds objects"):
+        restore_mirror(inv, "files", to_store="restored")
+
+
+def test_changed_object_is_recopied_and_history_kept(world: World) -> None:
+    inv = world.inventory("hist")
+    world.seed("hist", {"a.txt": b"version one", "b.txt": b"unchanged"})
+    assert run_mirror(inv, "files").copied == 2
+    before = datetime.now(UTC)
+    time.sleep(1.1)  # S3 stamps have one-second resolution
+    world.seed("hist", {"a.txt": b"version two, longer"})
+    second = run_mirror(inv, "files")
+    assert (second.copied, second.skipped, second.errors) == (1, 1, [])
+
+    kept = versions(world.offsite, OFFSITE, world.target(inv, "a.txt"))
+    assert sorted(read(world.offsite, OFFSITE, v.object_name, v.version_id) for v in kept) == [
+        b"version one",
+        b"version two, longer",
+    ]
+    old = world.inventory("hist", restored_prefix="hist-old/")
+    assert restore_mirror(old, "files", to_store="restored", as_of=before).ok
+    assert read_all(world.offsite, RESTORED, "hist-old/") == {
+        "a.txt": b"version one",
+        "b.txt": b"unchanged",
+    }
+    now = world.inventory("hist", restored_prefix="hist-now/")
+    assert restore_mirror(now, "files", to_store="restored").ok
+    assert read(world.offsite, RESTORED, "hist-now/a.txt") == b"version two, longer"
+
+
+def test_identical_bytes_with_a_new_etag_are_not_recopied(world: World) -> None:
+    inv = world.inventory("same")
+    body = os.urandom(6 * MiB)
+    world.live.put_object(LIVE, "same/blob", io.BytesIO(body), len(body), part_size=8 * MiB)
+    etag = world.live.stat_object(LIVE, "same/blob").etag
+    assert run_mirror(inv, "files").copied == 1
+    world.live.put_object(LIVE, "same/blob", io.BytesIO(body), len(body), part_size=5 * MiB)
+    assert world.live.stat_object(LIVE, "same/blob").etag != etag  # multipart now
+
+    second = run_mirror(inv, "files")
+    assert (second.same_content, second.copied, second.errors) == (1, 0, [])
+    assert len(versions(world.offsite, OFFSITE, world.target(inv, "blob"))) == 1
+    assert run_mirror(inv, "files").skipped == 1  # the index learnt the new ETag
+
+
+def test_source_deletes_are_kept_unless_propagate(world: World) -> None:
+    inv = world.inventory("del")
+    world.seed("del", {"keep.txt": b"keep", "gone.txt": b"gone"})
+    run_mirror(inv, "files")
+    world.live.remove_object(LIVE, "del/gone.txt")
+    kept = run_mirror(inv, "files")
+    assert (kept.deleted, kept.skipped, kept.errors) == (0, 1, [])
+    assert read(world.offsite, OFFSITE, world.target(inv, "gone.txt")) == b"gone"
+
+    wrong = world.inventory("del", delete_mode="propagate", restored_prefix="del-now/")
+    propagated = run_mirror(wrong, "files")
+    assert (propagated.deleted, propagated.errors) == (1, [])
+    assert "deleted 1" in propagated.line()
+    with pytest.raises(S3Error, match="NoSuchKey"):
+        world.offsite.stat_object(OFFSITE, world.target(inv, "gone.txt"))
+    # the old version is still there, but a restore as of now leaves the deleted key out
+    assert restore_mirror(wrong, "files", to_store="restored").copied == 1
+    assert read_all(world.offsite, RESTORED, "del-now/") == {"keep.txt": b"keep"}
+
+
+def test_a_failing_object_is_reported_after_copying_the_others(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inv = world.inventory("fail")
+    objects = {f"f{i}.txt": b"x" * i for i in range(10)}
+    world.seed("fail", objects | {"gone.txt": b"gone", "edited.txt": b"before"})
+    original = mirror.relative_keys
+
+    def list_then_change(s3: Minio, bucket: str, prefix: str, **kw: Any) -> Any:
+        listing = original(s3, bucket, prefix, **kw)
+        if bucket == LIVE:  # as on a live bucket, between listing and copying
+            world.live.remove_object(LIVE, "fail/gone.txt")
+            world.seed("fail", {"edited.txt": b"after"})
+        return listing
+
+    monkeypatch.setattr(mirror, "relative_keys", list_then_change)
+    summary = run_mirror(inv, "files")
+    assert not summary.ok
+    assert summary.errors == [
+        "fail/edited.txt: changed since it was listed; the next run copies it",
+        "fail/gone.txt: S3 error NoSuchKey: The specified key does not exist.",
+    ]
+    assert (summary.examined, summary.copied) == (12, 10)
+    assert "errors 2" in summary.line()
+    assert read_all(world.offsite, OFFSITE, "mirror/fail/").keys() >= objects.keys()
+    monkeypatch.undo()
+    again = run_mirror(inv, "files")
+    assert (again.ok, again.copied, again.skipped, again.examined) == (True, 1, 10, 11)
+
+
+def test_a_change_during_the_upload_pass_removes_the_bad_copy(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)  # so 6 MiB takes the streaming path
+    inv = world.inventory("race")
+    world.seed("race", {"blob": os.urandom(6 * MiB)})
+    # as if the hash pass had seen other bytes than the upload pass sent
+    monkeypatch.setattr(mirror, "object_sha256", lambda *a, **k: "0" * 64)
+    summary = run_mirror(inv, "files")
+    assert summary.errors == [
+        "race/blob: changed while being copied; the bad copy was removed, the next run retries"
+    ]
+    assert versions(world.offsite, OFFSITE, world.target(inv, "blob")) == []
+    monkeypatch.undo()
+    assert run_mirror(inv, "files").copied == 1
+
+
+def test_memory_stays_flat_for_a_large_object(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)
+    inv = world.inventory("mem")
+    blob = os.urandom(24 * MiB)
+    world.live.put_object(LIVE, "mem/blob", io.BytesIO(blob), len(blob), part_size=5 * MiB)
+    del blob
+    tracemalloc.start()
+    try:
+        summary = run_mirror(inv, "files", workers=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (summary.copied, summary.bytes_copied) == (1, 24 * MiB)
+    # minio holds the previous part while reading the next: about 3 parts; never the object
+    assert peak < 20 * MiB, f"peak {peak / MiB:.1f} MiB for a 24 MiB object"
+
+
+def test_unreachable_source_stops_the_run(world: World) -> None:
+    down = world.inventory("down", live_endpoint=f"127.0.0.1:{free_port()}")
+    with pytest.raises(TargetUnreachable, match="store live") as caught:
+        run_mirror(down, "files")
+    assert not any(value in str(caught.value) for value in world.secrets.values())
+
+
+def test_unversioned_target_gets_new_objects_but_no_overwrites(world: World) -> None:
+    inv = world.inventory("plain", target_bucket=PLAIN)
+    world.seed("plain", {"a.txt": b"first", "b.txt": b"bee"})
+    assert run_mirror(inv, "files").copied == 2
+    world.seed("plain", {"a.txt": b"second", "c.txt": b"new"})
+    second = run_mirror(inv, "files")
+    assert second.copied == 1
+    assert second.errors == [
+        "plain/a.txt: not overwritten: the target bucket is not versioned, so this would "
+        "destroy the previous off-site copy (fix: enable versioning on it)"
+    ]
+    assert read(world.offsite, PLAIN, world.target(inv, "a.txt")) == b"first"
+
+
+def test_summary_line_and_prefixes() -> None:
+    summary = MirrorSummary(
+        "files", examined=312, copied=5, skipped=307, bytes_copied=int(12.3 * MiB), seconds=1.2
+    )
+    assert summary.line() == (
+        "mirror files: examined 312, copied 5 (12.3 MiB), skipped 307, same content 0, "
+        "errors 0 in 1.2s"
+    )
+    assert summary.ok
+    assert [mirror.normalise_prefix(p) for p in ("", "/", "files", "files/", "/a/b/")] == [
+        "",
+        "",
+        "files/",
+        "files/",
+        "a/b/",
+    ]
+
+
+def test_the_index_is_checked_and_may_be_empty(world: World) -> None:
+    inv = world.inventory("idx")
+    world.seed("idx", {"only.txt": b"only"})
+    run_mirror(inv, "files")
+    world.live.remove_object(LIVE, "idx/only.txt")
+    assert run_mirror(inv, "files").examined == 0  # saves an index with no entries
+    assert run_mirror(inv, "files").ok  # ...which loads
+    junk = b'{"format": 1, "objects": []}'
+    world.offsite.put_object(OFFSITE, mirror.index_key(inv, "files"), io.BytesIO(junk), len(junk))
+    with pytest.raises(OperationFailed, match="not an opsdrill mirror index"):
+        run_mirror(inv, "files")
+    with pytest.raises(ConfigError, match="workers"):
+        run_mirror(inv, "files", workers=0)
+    with pytest.raises(ConfigError, match="timezone"):
+        restore_mirror(inv, "files", to_store="restored", as_of=datetime(2024, 1, 1))
