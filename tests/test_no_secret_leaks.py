@@ -24,11 +24,25 @@ def scan(texts: dict[str, str], secrets: list[str]) -> list[str]:
 
 
 def test_secrets_never_leak(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    secrets = [*env.stack.secrets.values(), PLANTED]
-    assert len(secrets) >= 5
+    from opsdrill.inventory import read_env_file
+
+    app_env = read_env_file(Path(env.data["secrets"]["app"]["env_file"]))
+    # every app value that is a real secret (hosts and addresses are not)
+    app_secrets = [
+        v for k, v in app_env.items() if k in {"ENCRYPTION_KEY", "DATABASE_URL", "SMTP_PASSWORD"}
+    ]
+    secrets = [*env.stack.secrets.values(), *app_secrets, PLANTED]
+    assert len(secrets) >= 8
     outputs: dict[str, str] = {}
     env.backup()
-    for args in (["backup"], ["list"], ["prune", "--dry-run"]):
+    for args in (
+        ["backup"],
+        ["list"],
+        ["prune", "--dry-run"],
+        ["mirror"],
+        ["secrets", "backup"],
+        ["secrets", "list", "-b", "app"],
+    ):
         proc = opsdrill(*args, "-i", str(env.path))
         outputs[" ".join(args)] = proc.stdout + proc.stderr
     drill = opsdrill("restore", "-i", str(env.path), "-d", "crm", "--drill")

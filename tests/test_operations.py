@@ -12,7 +12,7 @@ import pytest
 
 from opsdrill.backup import run_backup
 from opsdrill.errors import OperationFailed, TargetUnreachable
-from tests.conftest import ROOT, Env
+from tests.conftest import ROOT, Env, Stack, derive
 from tests.faults import CuttingProxy, failing_gpg_dir
 
 
@@ -313,3 +313,36 @@ def test_unreachable_store_exits_2_for_list(env: Env) -> None:
     proc = opsdrill("list", "-i", str(env.path))
     assert proc.returncode == 2, proc.stderr
     assert "S3 store unreachable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mirror_and_restore_files_via_cli(stack: Stack, tmp_path: Path) -> None:
+    env = derive(stack, tmp_path, own_files=5)
+    inv = str(env.path)
+    first = opsdrill("mirror", "-i", inv)
+    assert first.returncode == 0, first.stderr
+    assert "examined 5, copied 5" in first.stdout
+    again = opsdrill("mirror", "-i", inv)
+    assert "copied 0" in again.stdout and "skipped 5" in again.stdout
+    restored = opsdrill("mirror-restore", "-i", inv, "-m", "files", "--to-store", "restored-files")
+    assert restored.returncode == 0, restored.stderr
+    s3, st = env.store("restored-files")
+    keys = sorted(
+        o.object_name for o in s3.list_objects(st.bucket, prefix=st.prefix, recursive=True)
+    )
+    assert keys == [f"{st.prefix}docs/file-{i:03d}.txt" for i in range(5)]
+    refused = opsdrill("mirror-restore", "-i", inv, "-m", "files", "--to-store", "restored-files")
+    assert refused.returncode == 2 and "already holds objects" in refused.stderr
+
+
+def test_secrets_backup_and_restore_onto_a_host_via_cli(env: Env, tmp_path: Path) -> None:
+    inv = str(env.path)
+    backed = opsdrill("secrets", "backup", "-i", inv)
+    assert backed.returncode == 0, backed.stderr
+    assert "ENCRYPTION_KEY sha256:" in backed.stdout
+    target = tmp_path / "restored.env"
+    restored = opsdrill("secrets", "restore", "-i", inv, "-b", "app", "--to", str(target))
+    assert restored.returncode == 0, restored.stderr
+    assert target.read_text() == Path(env.data["secrets"]["app"]["env_file"]).read_text()
+    assert target.stat().st_mode & 0o777 == 0o600
+    again = opsdrill("secrets", "restore", "-i", inv, "-b", "app", "--to", str(target))
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
