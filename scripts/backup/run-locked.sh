@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run-locked.sh COMMAND [ARGS...]: the shared body of the cron wrappers beside it.
+# run-locked.sh 'COMMAND [SUBCOMMAND]' [ARGS...]: the shared body of the cron wrappers beside it.
 # Runs `opsdrill COMMAND --inventory $OPSDRILL_INVENTORY ARGS...` under a lock so that
 # overlapping cron runs do not pile up, and logs one timestamped result line to stderr.
 #
@@ -11,8 +11,10 @@
 # previous run still holds the lock. Runbook: docs/runbooks/backup-and-restore.md
 set -euo pipefail
 
-name=${1:?usage: run-locked.sh COMMAND [ARGS...]}
+command=${1:?usage: run-locked.sh COMMAND [ARGS...]}  # may be two words: "secrets backup"
 shift
+read -r -a words <<< "$command"
+name=${command// /-}
 inventory=${OPSDRILL_INVENTORY:?set OPSDRILL_INVENTORY}
 bin=${OPSDRILL_BIN:-opsdrill}
 lock_dir=${OPSDRILL_LOCK_DIR:-/run/lock}
@@ -30,7 +32,7 @@ fi
 what="$name --inventory $inventory${*:+ $*}"
 started=$(date +%s)
 # fd 9 (the lock) is not handed to opsdrill, so no helper process it starts can keep it.
-if "$bin" "$name" --inventory "$inventory" "$@" 9>&-; then rc=0; else rc=$?; fi
+if "$bin" "${words[@]}" --inventory "$inventory" "$@" 9>&-; then rc=0; else rc=$?; fi
 elapsed=$(($(date +%s) - started))
 
 if [ "$rc" -eq 0 ]; then
