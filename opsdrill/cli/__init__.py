@@ -1,0 +1,198 @@
+"""Command line: the operations an operator runs from cron or during an outage.
+
+Exit codes: 0 success; 1 an operation or verification failed; 2 the configuration is
+wrong, a target could not be reached, or a safety guard refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import urllib3
+from minio.error import S3Error
+
+from opsdrill import __version__
+from opsdrill.cli.files import cmd_mirror, cmd_mirror_restore, cmd_secrets
+from opsdrill.cli.pg import cmd_backup, cmd_list, cmd_prune, cmd_restore
+from opsdrill.cli.setup import cmd_inventory_check, cmd_stack
+from opsdrill.errors import OpsdrillError
+from opsdrill.secrets import redact
+
+DEFAULT_STACK_DIR = ".opsdrill-stack"
+EPILOG = """\
+Exit codes:
+  0  success
+  1  an operation or a verification failed (the failing stage is named)
+  2  configuration wrong, a target unreachable, or a safety guard refused
+
+Runbook: docs/runbooks/backup-and-restore.md"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opsdrill",
+        description="Back up PostgreSQL, the files bucket and the application's secrets "
+        "off-site; prune, restore, and prove it works.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"opsdrill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    inv = sub.add_parser("inventory", help="inspect an inventory file")
+    inv_sub = inv.add_subparsers(dest="inventory_command", required=True)
+    chk = inv_sub.add_parser("check", help="validate an inventory without touching any target")
+    chk.add_argument("file")
+    chk.add_argument(
+        "--for",
+        dest="scope",
+        choices=["all", "backup", "store"],
+        default="all",
+        help="which secrets and key files must be present: all (restore, checks), backup "
+        "(a backup host: no drill key needed), store (list, prune)",
+    )
+    chk.set_defaults(func=cmd_inventory_check)
+
+    st = sub.add_parser("stack", help="the local stack: real servers on 127.0.0.1")
+    st_sub = st.add_subparsers(dest="stack_command", required=True)
+    up = st_sub.add_parser("up", help="start servers, write DIR/inventory.toml, return")
+    up.add_argument("--dir", default=DEFAULT_STACK_DIR)
+    up.add_argument("--size-mb", type=int, default=8, help="demo CRM database size")
+    up.add_argument(
+        "--backup",
+        action="store_true",
+        help="run every operation once: backup, mirror, secrets bundle",
+    )
+    down = st_sub.add_parser("down", help="stop the servers by PID and remove DIR")
+    down.add_argument("--dir", default=DEFAULT_STACK_DIR)
+    status = st_sub.add_parser("status", help="show which servers run")
+    status.add_argument("--dir", default=DEFAULT_STACK_DIR)
+    st.set_defaults(func=cmd_stack)
+
+    def withinventory_for(sp: argparse.ArgumentParser, db_required: bool = False) -> None:
+        sp.add_argument("--inventory", "-i", required=True, help="inventory TOML file")
+        sp.add_argument(
+            "--database",
+            "-d",
+            required=db_required,
+            help="database name in the inventory"
+            + ("" if db_required else " (default: all of them)"),
+        )
+
+    b = sub.add_parser("backup", help="pg_dump | compress | gpg -> S3, with a manifest")
+    withinventory_for(b)
+    b.set_defaults(func=cmd_backup)
+
+    ls = sub.add_parser("list", help="list backups in the off-site store")
+    withinventory_for(ls)
+    ls.set_defaults(func=cmd_list)
+
+    pr = sub.add_parser("prune", help="apply the retention policy (hourly + daily tiers)")
+    withinventory_for(pr)
+    pr.add_argument("--dry-run", action="store_true", help="print keep/delete with reasons")
+    pr.set_defaults(func=cmd_prune)
+
+    mi = sub.add_parser("mirror", help="copy new/changed files from the live bucket off-site")
+    mi.add_argument("--inventory", "-i", required=True, help="inventory TOML file")
+    mi.add_argument("--mirror", "-m", help="mirror name in the inventory (default: all)")
+    mi.add_argument("--workers", type=int, help="parallel copies (default: the inventory's)")
+    mi.set_defaults(func=cmd_mirror)
+
+    mr = sub.add_parser(
+        "mirror-restore",
+        help="copy the off-site files into a fresh bucket, as of now or a point in time",
+    )
+    mr.add_argument("--inventory", "-i", required=True, help="inventory TOML file")
+    mr.add_argument("--mirror", "-m", required=True, help="mirror name in the inventory")
+    mr.add_argument(
+        "--to-store",
+        required=True,
+        help="inventory store to copy into (its bucket/prefix must be empty)",
+    )
+    mr.add_argument(
+        "--as-of",
+        metavar="ISO8601",
+        help="restore the versions current at this time (default: now)",
+    )
+    mr.set_defaults(func=cmd_mirror_restore)
+
+    se = sub.add_parser("secrets", help="the application's .env (ENCRYPTION_KEY) off-site")
+    se_sub = se.add_subparsers(dest="secrets_command", required=True)
+    sb = se_sub.add_parser(
+        "backup", help="encrypt the env and upload it with a fingerprint manifest"
+    )
+    sb.add_argument("--inventory", "-i", required=True)
+    sb.add_argument("--bundle", "-b", help="bundle name in the inventory (default: all)")
+    sl = se_sub.add_parser("list", help="list stored bundles")
+    sl.add_argument("--inventory", "-i", required=True)
+    sl.add_argument("--bundle", "-b", required=True)
+    sr = se_sub.add_parser("restore", help="decrypt a bundle into an env file (mode 0600)")
+    sr.add_argument("--inventory", "-i", required=True)
+    sr.add_argument("--bundle", "-b", required=True)
+    sr.add_argument("--to", required=True, metavar="PATH", help="env file to write")
+    sr.add_argument("--id", help="bundle id (default: newest)")
+    sr.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    se.set_defaults(func=cmd_secrets)
+
+    rs = sub.add_parser("restore", help="restore a backup: --drill into the sandbox, or --into")
+    withinventory_for(rs, db_required=True)
+    mode = rs.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--drill",
+        action="store_true",
+        help="restore into the sandbox, verify against the manifest, drop it",
+    )
+    mode.add_argument(
+        "--into",
+        metavar="DSN",
+        help="server to restore onto, e.g. postgresql://admin@db:5432/postgres; a NEW "
+        "database is created there and existing ones are left untouched",
+    )
+    rs.add_argument("--backup", metavar="ID", help="backup id (default: newest complete)")
+    rs.add_argument(
+        "--into-password-env",
+        metavar="VAR",
+        help="env var with the target's password (default: the database's)",
+    )
+    rs.add_argument("--new-name", help="name of the database to create (default: DB_restored_TS)")
+    rs.add_argument(
+        "--confirm", metavar="DB", help="non-interactive confirmation: must equal --database"
+    )
+    rs.add_argument(
+        "--no-owner",
+        action="store_true",
+        help="do not restore ownership (roles missing on the target)",
+    )
+    rs.set_defaults(func=cmd_restore)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except OpsdrillError as exc:
+        print(f"opsdrill: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except (S3Error, urllib3.exceptions.HTTPError) as exc:
+        detail = f"{exc.code}: {exc.message}" if isinstance(exc, S3Error) else type(exc).__name__
+        print(
+            f"opsdrill: error: S3 store unreachable or refused: {redact(detail)}", file=sys.stderr
+        )
+        return 2
+    except KeyboardInterrupt:
+        print("opsdrill: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last line of defence: never print a secret in a traceback
+        print(f"opsdrill: unexpected {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        if os.environ.get("OPSDRILL_DEBUG"):
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

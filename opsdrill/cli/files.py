@@ -1,0 +1,94 @@
+"""Handlers: the files mirror and the secrets bundle."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from opsdrill.cli.common import inventory_for
+from opsdrill.errors import ConfigError
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from opsdrill.mirror import run_mirror
+
+    inv = inventory_for(args, scope="store")
+    names = [args.mirror] if args.mirror else list(inv.model.mirrors)
+    if not names:
+        raise ConfigError(f"{inv.path}: no [mirrors.*] defined")
+    failed = False
+    for name in names:
+        inv.mirror(name)
+        summary = run_mirror(inv, name, workers=args.workers)
+        print(summary.line())
+        for error in summary.errors[:50]:
+            print(f"  error: {error}", file=sys.stderr)
+        if len(summary.errors) > 50:
+            print(f"  ... {len(summary.errors) - 50} more errors", file=sys.stderr)
+        failed = failed or not summary.ok
+    return 1 if failed else 0
+
+
+def cmd_mirror_restore(args: argparse.Namespace) -> int:
+    from opsdrill.mirror import restore_mirror
+
+    inv = inventory_for(args, scope="store")
+    inv.mirror(args.mirror)
+    inv.store(args.to_store)
+    as_of = datetime.fromisoformat(args.as_of) if args.as_of else None
+    if as_of is not None and as_of.tzinfo is None:
+        raise ConfigError("--as-of needs a timezone, e.g. 2026-11-27T14:00:00+00:00")
+    summary = restore_mirror(inv, args.mirror, to_store=args.to_store, as_of=as_of)
+    print(summary.line())
+    for error in summary.errors[:50]:
+        print(f"  error: {error}", file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from opsdrill import envbundle
+
+    if args.secrets_command == "backup":
+        inv = inventory_for(args, scope="backup")
+        names = [args.bundle] if args.bundle else list(inv.model.secrets)
+        if not names:
+            raise ConfigError(f"{inv.path}: no [secrets.*] defined")
+        for name in names:
+            inv.bundle(name)
+            manifest = envbundle.backup_bundle(inv, name)
+            keys = ", ".join(
+                f"{k} {envbundle.short(v)}"
+                for k, v in sorted(manifest.keys.items())
+                if k in inv.bundle(name).fingerprint_keys
+            )
+            print(
+                f"secrets {manifest.id}: {len(manifest.keys)} keys encrypted to "
+                f"{len(manifest.object['recipients'])} recipient(s)"
+                + (f"; {keys}" if keys else "")
+                + f" -> {manifest.object['key']}"
+            )
+        return 0
+    inv = inventory_for(args, scope="all" if args.secrets_command == "restore" else "store")
+    inv.bundle(args.bundle)
+    refs = [r for r in envbundle.list_bundles(inv, args.bundle) if r.complete]
+    if args.secrets_command == "list":
+        for ref in refs:
+            print(f"{ref.id}  {ref.taken_at:%Y-%m-%d %H:%M:%SZ}")
+        return 0
+    chosen = [r for r in refs if r.id == args.id] if args.id else refs[-1:]
+    if not chosen:
+        raise ConfigError(f"no complete secrets bundle {args.id or ''} for {args.bundle}")
+    raw = envbundle.decrypt_bundle_raw(inv, args.bundle, chosen[0])
+    target = Path(args.to)
+    if target.exists() and not args.force:
+        raise ConfigError(f"{target} exists; refusing to overwrite it (fix: --force)")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(raw)
+    os.chmod(target, 0o600)
+    restored_keys = len(envbundle.parse_env_bytes(raw, str(target)))
+    print(f"restored {restored_keys} keys from {chosen[0].id} into {target} (mode 0600)")
+    return 0

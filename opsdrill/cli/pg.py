@@ -1,0 +1,156 @@
+"""Handlers: PostgreSQL backup, list, prune, restore and drill."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+
+from opsdrill.cli.common import databases_in, inventory_for
+from opsdrill.errors import ConfigError, OpsdrillError
+from opsdrill.inventory import Inventory
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from opsdrill.backup import run_backup
+
+    inv = inventory_for(args, scope="backup")
+    for name in databases_in(inv, args.database):
+        manifest = run_backup(inv, name)
+        print(
+            f"backup {manifest.id}: {manifest.object['size']} bytes, "
+            f"sha256 {manifest.object['sha256'][:16]}..., "
+            f"{sum(t['rows'] for t in manifest.tables.values())} rows in "
+            f"{len(manifest.tables)} tables, {manifest.duration_seconds:.1f}s "
+            f"-> {manifest.object['key']}"
+        )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from opsdrill import catalog
+    from opsdrill.s3 import client
+
+    inv = inventory_for(args, scope="store")
+    for name in databases_in(inv, args.database):
+        _, store = inv.store_for(name)
+        for ref in catalog.list_backups(client(inv, store), store, name):
+            state = "complete" if ref.complete else "INCOMPLETE (no manifest)"
+            print(f"{ref.id}  {ref.taken_at:%Y-%m-%d %H:%M:%SZ}  {ref.size:>12}  {state}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from opsdrill.prune import prune
+
+    inv = inventory_for(args, scope="store")
+    for name in databases_in(inv, args.database):
+        for decision in prune(inv, name, dry_run=args.dry_run):
+            verb = "keep  " if decision.keep else ("would delete" if args.dry_run else "delete")
+            print(f"{verb} {decision.backup.id}: {decision.reason}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from opsdrill import restore
+
+    inv = inventory_for(args)
+    if args.drill:
+        report = restore.drill(inv, args.database, backup_id=args.backup, live_required=False)
+        print(drill_summary(report))
+        return 0 if report.ok else 1
+    return restore_interactive(inv, args)
+
+
+def drill_summary(report: object) -> str:
+    from opsdrill.restore import DrillReport
+
+    assert isinstance(report, DrillReport)
+    lines = [
+        f"drill {report.database}: backup {report.backup_id} restored into sandbox "
+        f"{report.sandbox} in {report.restore_seconds:.1f}s, verified in "
+        f"{report.verify_seconds:.1f}s, total {report.total_seconds:.1f}s "
+        f"(RTO {report.rto_seconds:.0f}s: {'met' if report.within_rto else 'MISSED'})",
+        f"manifest match: {'exact' if report.comparison.exact else 'MISMATCH'} "
+        f"({len(report.manifest.tables)} tables, {len(report.manifest.sequences)} sequences)",
+    ]
+    lines += [f"  mismatch: {m}" for m in report.comparison.mismatches]
+    lines += [f"  note: {n}" for n in report.notes]
+    if report.drift is not None:
+        lines += [f"  drift: {s}" for s in report.drift.suspicious]
+    return "\n".join(lines)
+
+
+def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
+    """A production restore: into a NEW database, the old one kept for swapping back."""
+    from opsdrill import restore
+    from opsdrill.pg import Endpoint
+
+    db = inv.database(args.database)
+    ref, manifest = restore.pick_backup(inv, args.database, args.backup)
+    password_env = args.into_password_env or db.password_env
+    password = inv.secret(password_env) if password_env else None
+    # --into names a server; its dbname is only the maintenance database we connect to.
+    server = Endpoint.from_dsn("restore target", args.into, password)
+    live_dbname = Endpoint.from_dsn("live", db.dsn, None).dbname
+    new_name = args.new_name or f"{live_dbname}_restored_{datetime.now(UTC):%Y%m%d%H%M%S}"
+    print(
+        f"Backup:   {ref.id} (taken {manifest.taken_at}, {manifest.object['size']} bytes, "
+        f"{sum(t['rows'] for t in manifest.tables.values())} rows)"
+    )
+    print(f"Target:   new database {new_name!r} on {server.where.rsplit('/', 1)[0]}")
+    print("Existing databases are not touched; swap names yourself once verified.")
+    if args.confirm is not None:
+        if args.confirm != args.database:
+            raise ConfigError(
+                f"--confirm {args.confirm!r} does not match --database {args.database!r}"
+            )
+    elif not sys.stdin.isatty():
+        raise ConfigError(
+            "refusing a production restore without a terminal "
+            f"(fix: run interactively, or pass --confirm {args.database})"
+        )
+    else:
+        typed = input(f"Type the database name ({args.database}) to proceed: ").strip()
+        if typed != args.database:
+            print("Not confirmed; nothing was changed.")
+            return 1
+    restore.create_database(server, new_name)
+    target = server.with_dbname(new_name)
+    try:
+        result = restore.restore_into(
+            inv,
+            args.database,
+            ref,
+            manifest,
+            target,
+            jobs=db.restore_jobs,
+            keep_owners=not args.no_owner,
+        )
+        comparison = restore.verify_restored(target, manifest)
+    except OpsdrillError:
+        # The database is ours (created above) and half-restored: remove it so a retry
+        # starts clean, and say so.
+        restore.drop_database(server, new_name)
+        print(f"Restore failed; the partial database {new_name!r} was dropped.", file=sys.stderr)
+        raise
+    print(f"Restored {ref.id} into {new_name} in {result.seconds:.1f}s.")
+    if not comparison.exact:
+        print("VERIFICATION FAILED: the restored database differs from the manifest:")
+        for line in comparison.mismatches:
+            print(f"  {line}")
+        print(f"The database {new_name!r} is kept for inspection; do not switch to it.")
+        return 1
+    print(
+        f"Verified: row counts of all {len(manifest.tables)} tables and "
+        f"{len(manifest.sequences)} sequences match the manifest exactly."
+    )
+    if new_name == live_dbname:
+        print(f"Point the application at {server.where.rsplit('/', 1)[0]}/{new_name}.")
+    else:
+        print(
+            "Once the application checks out against it, swap names, e.g.:\n"
+            f"  ALTER DATABASE {live_dbname} RENAME TO {live_dbname}_old;\n"
+            f"  ALTER DATABASE {new_name} RENAME TO {live_dbname};"
+        )
+    return 0

@@ -1,0 +1,59 @@
+"""Handlers: inventory validation and the local stack."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from opsdrill.inventory import load
+
+
+def cmd_inventory_check(args: argparse.Namespace) -> int:
+    from opsdrill.gpg import GpgHome
+
+    inv = load(args.file, scope=args.scope)
+    m = inv.model
+    if m.gpg is not None:
+        # Deeper than loading: the recipients must be in the key file, and the drill key
+        # must decrypt what they encrypt, or the first backup/drill fails at 3 a.m.
+        with GpgHome() as home:
+            home.import_keys(inv.resolve_path(m.gpg.public_keys_file), what="gpg.public_keys_file")
+            ids = home.encryption_key_ids(m.gpg.recipients)
+            if args.scope == "all" and m.gpg.drill_private_key_file:
+                passphrase = (
+                    inv.secret(m.gpg.drill_passphrase_env) if m.gpg.drill_passphrase_env else ""
+                )
+                home.check_decrypts(
+                    inv.resolve_path(m.gpg.drill_private_key_file), passphrase, list(ids)
+                )
+    print(
+        f"{inv.path}: OK for {args.scope}: inventory {m.name!r} ({m.environment}): "
+        f"{len(m.databases)} database(s), {len(m.stores)} store(s)"
+    )
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from opsdrill.stack import LocalStack
+
+    stack = LocalStack(Path(args.dir).resolve(), size_mb=getattr(args, "size_mb", 8))
+    if args.stack_command == "up":
+        path = stack.up()
+        print(f"local stack up: inventory {path}")
+        if args.backup:
+            from opsdrill.stack import prime
+
+            for line in prime(path):
+                print(line)
+        return 0
+    if args.stack_command == "down":
+        stack.down()
+        print(f"local stack in {stack.base} stopped and removed")
+        return 0
+    status = stack.status()
+    if not status:
+        print(f"no local stack in {stack.base}")
+        return 1
+    for name, state in status.items():
+        print(f"{name}: {state}")
+    return 0 if all(s == "running" for s in status.values()) else 1
