@@ -36,6 +36,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_backup.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_mirror.py $(MIRROR_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) reports/allure-results .pytest_cache
