@@ -20,7 +20,7 @@ from opsdrill.manifest import Manifest
 
 TS_FORMAT = "%Y%m%dT%H%M%SZ"
 _KEY = re.compile(
-    r"(?P<id>(?P<db>[^/]+)-(?P<ts>\d{8}T\d{6}Z))"
+    r"(?P<id>(?P<name>[^/]+)-(?P<ts>\d{8}T\d{6}Z))"
     r"(?P<suffix>\.manifest\.json|\.dump(?:\.zst|\.gz)?(?:\.gpg)?)$"
 )
 MANIFEST_SUFFIX = ".manifest.json"
@@ -67,22 +67,49 @@ def _dated(store: Store, database: str, taken_at: datetime) -> str:
     return f"{db_prefix(store, database)}{t:%Y/%m/%d}/{backup_id(database, t)}"
 
 
-def parse_objects(database: str, objects: Iterable[Any]) -> list[BackupRef]:
-    refs: dict[str, BackupRef] = {}
+@dataclass
+class Pair:
+    """A timestamped data object and its manifest, as found in a listing."""
+
+    id: str
+    taken_at: datetime
+    data: Any = None
+    manifest: Any = None
+
+
+def pair_objects(objects: Iterable[Any], pattern: re.Pattern[str], owner: str) -> list[Pair]:
+    """Group ``<owner>-<timestamp><suffix>`` objects by id, oldest first.
+
+    ``pattern`` matches a key's last segment with groups ``id``, ``name``, ``ts`` and
+    ``suffix``; the manifest is the object whose suffix is ``.manifest.json``. Shared by
+    database backups and secrets bundles, which are laid out the same way.
+    """
+    pairs: dict[str, Pair] = {}
     for obj in objects:
-        name = obj.object_name
-        m = _KEY.search(name.rsplit("/", 1)[-1])
-        if not m or m["db"] != database:
+        m = pattern.search(str(obj.object_name).rsplit("/", 1)[-1])
+        if not m or m["name"] != owner:
             continue
         taken = datetime.strptime(m["ts"], TS_FORMAT).replace(tzinfo=UTC)
-        ref = refs.setdefault(m["id"], BackupRef(m["id"], database, taken))
+        pair = pairs.setdefault(m["id"], Pair(m["id"], taken))
         if m["suffix"] == MANIFEST_SUFFIX:
-            ref.manifest_key = name
+            pair.manifest = obj
         else:
-            ref.data_key = name
-            ref.size = int(obj.size or 0)
-            ref.last_modified = obj.last_modified
-    return sorted(refs.values(), key=lambda r: r.taken_at)
+            pair.data = obj
+    return sorted(pairs.values(), key=lambda p: p.taken_at)
+
+
+def parse_objects(database: str, objects: Iterable[Any]) -> list[BackupRef]:
+    refs = []
+    for pair in pair_objects(objects, _KEY, database):
+        ref = BackupRef(pair.id, database, pair.taken_at)
+        if pair.manifest is not None:
+            ref.manifest_key = pair.manifest.object_name
+        if pair.data is not None:
+            ref.data_key = pair.data.object_name
+            ref.size = int(pair.data.size or 0)
+            ref.last_modified = pair.data.last_modified
+        refs.append(ref)
+    return refs
 
 
 def list_backups(client: Minio, store: Store, database: str) -> list[BackupRef]:

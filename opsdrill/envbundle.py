@@ -28,7 +28,7 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException
 
-from opsdrill.catalog import TS_FORMAT
+from opsdrill.catalog import MANIFEST_SUFFIX, TS_FORMAT, pair_objects
 from opsdrill.errors import ConfigError, OperationFailed, TargetUnreachable
 from opsdrill.gpg import GpgHome, inspect
 from opsdrill.inventory import Gpg, Inventory, Store, parse_env_text
@@ -37,7 +37,7 @@ from opsdrill.secrets import register
 
 FORMAT = "opsdrill-secrets-manifest/1"
 DATA_SUFFIX = ".env.gpg"
-MANIFEST_SUFFIX = ".manifest.json"
+
 GPG_TIMEOUT = 60.0
 MAX_OBJECT = 4 * 1024 * 1024  # an env file is kilobytes; anything bigger is not one of ours
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -155,19 +155,16 @@ def list_bundles(inv: Inventory, name: str) -> list[BundleRef]:
         objects = list(client(inv, store).list_objects(store.bucket, prefix, recursive=True))
     except _S3_ERRORS as exc:
         raise unreachable(store_name, store, exc) from None
-    refs: dict[str, BundleRef] = {}
-    for obj in objects:
-        key = str(obj.object_name)
-        m = _KEY.search(key.rsplit("/", 1)[-1])
-        if not m or m["name"] != name:
-            continue
-        taken = datetime.strptime(m["ts"], TS_FORMAT).replace(tzinfo=UTC)
-        ref = refs.setdefault(m["id"], BundleRef(m["id"], name, taken))
-        if m["suffix"] == MANIFEST_SUFFIX:
-            ref.manifest_key = key
-        else:
-            ref.data_key = key
-    return sorted(refs.values(), key=lambda r: r.taken_at)
+    return [
+        BundleRef(
+            pair.id,
+            name,
+            pair.taken_at,
+            None if pair.data is None else str(pair.data.object_name),
+            None if pair.manifest is None else str(pair.manifest.object_name),
+        )
+        for pair in pair_objects(objects, _KEY, name)
+    ]
 
 
 def read_manifest(inv: Inventory, name: str, ref: BundleRef) -> BundleManifest:
