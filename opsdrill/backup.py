@@ -182,6 +182,9 @@ def _upload(s3: Any, bucket: str, key: str, reader: HashingReader, name: str, db
             reader,
             length=-1,
             part_size=PART_SIZE,
+            # Two parts in flight keep the link busy; each one is buffered, so this (with
+            # PART_SIZE) is what bounds the process's memory: ~120 MiB whatever the size.
+            num_parallel_uploads=2,
             content_type="application/octet-stream",
             metadata={
                 "opsdrill-database": name,

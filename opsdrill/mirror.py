@@ -189,7 +189,9 @@ def run_mirror(inv: Inventory, name: str, *, workers: int | None = None) -> Mirr
         if unchanged and there is not None and there.size == obj.size:
             summary.skipped += 1
         else:
-            todo[rel] = partial(_mirror_one, src, dst, rel, obj, versioned == "Enabled")
+            todo[rel] = partial(
+                _mirror_one, src, dst, rel, obj, versioned == "Enabled", there is not None
+            )
 
     def done(rel: str, result: tuple[bool, Entry]) -> None:
         copied, fresh[rel] = result
@@ -215,7 +217,7 @@ def run_mirror(inv: Inventory, name: str, *, workers: int | None = None) -> Mirr
 
 
 def _mirror_one(
-    src: _Side, dst: _Side, rel: str, obj: Listed, versioned: bool
+    src: _Side, dst: _Side, rel: str, obj: Listed, versioned: bool, listed_off_site: bool
 ) -> tuple[bool, Entry]:
     """Copy one new or changed object unless the target already holds its bytes.
 
@@ -233,12 +235,16 @@ def _mirror_one(
     else:
         sha = object_sha256(src.s3, src.bucket, obj.key, etag=obj.etag)
     entry = {"etag": obj.etag, "size": obj.size, "sha256": sha}
-    try:
-        recorded = (dst.s3.stat_object(dst.bucket, key).metadata or {}).get(_META + SHA_META, "")
-    except S3Error as exc:
-        if exc.code != "NoSuchKey":
-            raise
-        recorded = None
+    recorded: str | None = None
+    # A key the target listing lacks needs no HEAD; in an unversioned bucket we look anyway,
+    # since a write there after the listing would otherwise be overwritten without history.
+    if listed_off_site or not versioned:
+        try:
+            stat = dst.s3.stat_object(dst.bucket, key)
+            recorded = (stat.metadata or {}).get(_META + SHA_META, "")
+        except S3Error as exc:
+            if exc.code != "NoSuchKey":
+                raise
     if recorded == sha:
         return False, entry
     if recorded is not None and not versioned:

@@ -267,7 +267,8 @@ class LocalStack:
                 "secure": False,
                 "access_key_env": f"OPSDRILL_{who}_ACCESS_KEY",
                 "secret_key_env": f"OPSDRILL_{who}_SECRET_KEY",
-                "timeout_seconds": 20.0,
+                # moto completes a multipart upload in Python: ~10 s for 1.6 GiB when idle
+                "timeout_seconds": 300.0,
             }
 
         inventory = {
