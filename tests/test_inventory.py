@@ -205,3 +205,17 @@ def test_empty_key_file_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     (tmp_path / "keys.asc").write_text("")
     assert "gpg.public_keys_file: file" in error_of(path) and "is empty" in error_of(path)
+
+
+def test_documented_example_inventory_is_valid() -> None:
+    """docs/inventory.example.toml must stay in step with the schema."""
+    import tomllib
+
+    from opsdrill.inventory import InventoryModel
+
+    root = Path(__file__).resolve().parent.parent
+    model = InventoryModel.model_validate(
+        tomllib.loads((root / "docs" / "inventory.example.toml").read_text())
+    )
+    assert {"crm"} == set(model.databases) and {"files"} == set(model.mirrors)
+    assert {"app"} == set(model.secrets)
