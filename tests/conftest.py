@@ -3,6 +3,7 @@ derive inventories, plant backups and run the real checks in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -28,6 +29,7 @@ from opsdrill.inventory import Inventory, load, read_env_file
 from opsdrill.manifest import Manifest
 from opsdrill.s3 import client
 from opsdrill.stack import LocalStack
+from opsdrill.stack.gnupg_keys import Keypair, generate_keypair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,6 +90,22 @@ class Env:
         mutate(self.data)
         self.path.write_text(tomli_w.dumps(self.data))
         return self
+
+    @contextlib.contextmanager
+    def encrypting_to_another_key(self, tmp_path: Path) -> Iterator[Keypair]:
+        """Inside, operations encrypt to an unrelated key; afterwards the inventory expects
+        the original recipients again (the "wrong recipient" sabotage)."""
+        other = generate_keypair(tmp_path / "other", "someone else", "another passphrase")
+        original = dict(self.data["gpg"])
+        self.rewrite(
+            lambda d: d["gpg"].update(
+                recipients=[other.fingerprint], public_keys_file=str(other.public_file)
+            )
+        )
+        try:
+            yield other
+        finally:
+            self.rewrite(lambda d: d.update(gpg=original))
 
     def backup(self, now: datetime | None = None, name: str = "crm") -> Manifest:
         return run_backup(self.inv, name, now=now)
@@ -214,3 +232,17 @@ def run_checks(
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     results = [json.loads(p.read_text()) for p in results_dir.glob("*-result.json")]
     return CheckRun(proc.returncode, proc.stdout + proc.stderr, results, results_dir)
+
+
+def opsdrill(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "opsdrill", *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+        input=stdin,
+    )

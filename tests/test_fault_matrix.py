@@ -8,7 +8,6 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from opsdrill.stack.gnupg_keys import generate_keypair
 from tests.conftest import Env, Stack, derive
 from tests.history import plant_history
 
@@ -110,19 +109,11 @@ def test_unencrypted_object_fails_encryption(env: Env) -> None:
 
 
 def test_wrong_recipient_fails_encryption(env: Env, tmp_path: Path) -> None:
-    other = generate_keypair(tmp_path / "other", "someone else", "another passphrase")
-    original = dict(env.data["gpg"])
-    env.rewrite(
-        lambda d: d["gpg"].update(
-            recipients=[other.fingerprint], public_keys_file=str(other.public_file)
-        )
-    )
-    env.backup()
-    env.rewrite(lambda d: d.update(gpg=original))
+    expected = env.data["gpg"]["recipients"][0]
+    with env.encrypting_to_another_key(tmp_path):
+        env.backup()
     run = env.run_checks("check_pg_encryption.py")
-    run.assert_fails(
-        "pg.backup.encryption", "expected recipients", original["recipients"][0], "unexpected:"
-    )
+    run.assert_fails("pg.backup.encryption", "expected recipients", expected, "unexpected:")
 
 
 def test_rows_deleted_after_backup_fail_drift(stack: Stack, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from minio.versioningconfig import SUSPENDED, VersioningConfig
 
 from opsdrill.envbundle import backup_bundle
 from opsdrill.mirror import run_mirror
-from opsdrill.stack.gnupg_keys import generate_keypair
 from tests.conftest import Env, Stack, derive
 
 FILE_CHECKS = [
@@ -120,15 +119,8 @@ def test_rotated_encryption_key_fails_loudly(env: Env) -> None:
 
 
 def test_bundle_encrypted_to_wrong_key_fails_decrypts(env: Env, tmp_path: Path) -> None:
-    other = generate_keypair(tmp_path / "other", "someone else", "another passphrase")
-    original = dict(env.data["gpg"])
-    env.rewrite(
-        lambda d: d["gpg"].update(
-            recipients=[other.fingerprint], public_keys_file=str(other.public_file)
-        )
-    )
-    backup_bundle(env.inv, "app")
-    env.rewrite(lambda d: d.update(gpg=original))
+    with env.encrypting_to_another_key(tmp_path) as other:
+        backup_bundle(env.inv, "app")
     run = env.run_checks("check_secrets_bundle.py")
     run.assert_fails("secrets.bundle.decrypts", "decrypt", other.fingerprint)
 

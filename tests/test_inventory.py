@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from opsdrill.errors import ConfigError
 from opsdrill.inventory import load
+from tests.conftest import opsdrill
 
 GOOD = """
 name = "prod"
@@ -155,22 +154,10 @@ def test_cli_inventory_check_exit_codes(tmp_path: Path) -> None:
         ),
     )
     env = {**os.environ, **ENV}
-    ok = subprocess.run(
-        [sys.executable, "-m", "opsdrill", "inventory", "check", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    ok = opsdrill("inventory", "check", str(path), env=env)
     assert ok.returncode == 0 and "OK" in ok.stdout
     bad = write(tmp_path, path.read_text().replace("rpo_minutes", "rpo"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "opsdrill", "inventory", "check", str(bad)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    proc = opsdrill("inventory", "check", str(bad), env=env)
     assert proc.returncode == 2
     assert "databases.crm.rpo: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr

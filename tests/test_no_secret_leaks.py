@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env
-from tests.test_operations import opsdrill
+from tests.conftest import Env, opsdrill
 
 PLANTED = "planted-Secret-7f3a9c-do-not-leak"
 

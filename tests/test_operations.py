@@ -12,22 +12,8 @@ import pytest
 
 from opsdrill.backup import run_backup
 from opsdrill.errors import OperationFailed, TargetUnreachable
-from tests.conftest import ROOT, Env, Stack, derive
+from tests.conftest import ROOT, Env, Stack, derive, opsdrill
 from tests.faults import CuttingProxy, failing_gpg_dir
-
-
-def opsdrill(
-    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "opsdrill", *args],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=300,
-        env=env,
-        input=stdin,
-    )
 
 
 def object_keys(env: Env) -> list[str]:
@@ -250,7 +236,6 @@ def test_inventory_check_proves_the_drill_key_decrypts(env: Env, tmp_path: Path)
     assert bad.returncode == 2
     assert "cannot decrypt backups encrypted to" in bad.stderr
     assert "not-the-passphrase" not in bad.stderr
-    other = tmp_path / "other.pub.asc"
     from opsdrill.stack.gnupg_keys import generate_keypair
 
     other = generate_keypair(tmp_path / "k", "other", "pw-other-1234").public_file
