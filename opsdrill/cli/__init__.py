@@ -19,6 +19,7 @@ from opsdrill.cli.files import cmd_mirror, cmd_mirror_restore, cmd_secrets
 from opsdrill.cli.pg import cmd_backup, cmd_list, cmd_prune, cmd_restore
 from opsdrill.cli.setup import cmd_inventory_check, cmd_stack
 from opsdrill.errors import OpsdrillError
+from opsdrill.memory import return_large_buffers_to_os
 from opsdrill.secrets import redact
 
 DEFAULT_STACK_DIR = ".opsdrill-stack"
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return_large_buffers_to_os()
     try:
         return int(args.func(args))
     except OpsdrillError as exc:
