@@ -12,27 +12,33 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from opsdrill._model import ENV_NAME_PATTERN
+from opsdrill._model import StrictModel as _Model
 from opsdrill.errors import ConfigError
+from opsdrill.inventory_mail import (
+    DnsSettings,
+    ExpectedSelector,
+    MailProvider,
+    ProviderName,
+    SendingDomain,
+    SendingDomainDiscovery,
+    SendingDomains,
+    expected_providers,
+    expected_selectors,
+    mail_cross_checks,
+)
 from opsdrill.secrets import SecretMissing, resolve_env
-
-_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-
-
-class _Model(BaseModel):
-    model_config = _STRICT
 
 
 class Store(_Model):
@@ -149,6 +155,11 @@ class InventoryModel(_Model):
     databases: dict[str, Database] = Field(default_factory=dict)
     mirrors: dict[str, Mirror] = Field(default_factory=dict)
     secrets: dict[str, SecretsBundle] = Field(default_factory=dict)
+    # Mail authentication (models and their rules: opsdrill.inventory_mail).
+    dns: DnsSettings | None = None
+    mail_providers: dict[ProviderName, MailProvider] = Field(default_factory=dict)
+    sending_domains: SendingDomains = Field(default_factory=dict)
+    sending_domain_discovery: SendingDomainDiscovery | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,25 @@ class Inventory:
         store_name = self.database(db_name).store or next(iter(self.model.stores))
         return store_name, self.model.stores[store_name]
 
+    @property
+    def dns(self) -> DnsSettings:
+        """Resolver settings; without a [dns] section, the system resolver's."""
+        return self.model.dns or DnsSettings()
+
+    def sending_domain(self, name: str) -> SendingDomain:
+        key = name.rstrip(".").lower()
+        return _named(self.path, self.model.sending_domains, "sending_domains", key)
+
+    def providers_for(self, domain: str, now: datetime | None = None) -> dict[str, MailProvider]:
+        """Providers ``domain`` must authorise at ``now``, migration window included."""
+        return expected_providers(self.model.mail_providers, self.sending_domain(domain), now)
+
+    def dkim_selectors_for(
+        self, domain: str, now: datetime | None = None
+    ) -> list[ExpectedSelector]:
+        """The domain's own selectors, then each expected provider's."""
+        return expected_selectors(self.model.mail_providers, self.sending_domain(domain), now)
+
     def resolve_path(self, value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.path.parent / p)
@@ -216,7 +246,8 @@ def _fix_hint(loc: str, err_type: str) -> str:
 def _format_validation(path: Path, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        # A dotted key (a domain) is quoted, as TOML needs it: sending_domains."a.test".mx
+        loc = ".".join(f'"{p}"' if "." in str(p) else str(p) for p in err["loc"])
         found = err.get("input")
         shown = (
             "" if err["type"] in ("missing",) or isinstance(found, dict) else f", found {found!r}"
@@ -276,7 +307,7 @@ def _cross_checks(path: Path, model: InventoryModel) -> list[str]:
                 f"{path}: secrets.{name}: a secrets bundle is always encrypted and needs a "
                 "[gpg] section (fix: add [gpg] recipients)"
             )
-    return problems
+    return problems + mail_cross_checks(path, model)
 
 
 def _dsn_has_password(dsn: str) -> bool:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages opsdrill needs, only those missing (idempotent, quiet when done).
 set -euo pipefail
-packages=(postgresql postgresql-contrib zstd gzip pigz gnupg util-linux procps)
+# knot: the local stack's authoritative DNS server (knotd, knotc); knot-dnsutils: kdig.
+packages=(postgresql postgresql-contrib zstd gzip pigz gnupg util-linux procps knot knot-dnsutils)
 # Debian's own python3 needs python3-venv for `python3 -m venv`; a pyenv/other Python has it.
 if ! "${PYTHON:-python3}" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   packages+=(python3-venv python3-pip)

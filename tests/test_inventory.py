@@ -206,3 +206,158 @@ def test_documented_example_inventory_is_valid() -> None:
     )
     assert {"crm"} == set(model.databases) and {"files"} == set(model.mirrors)
     assert {"app"} == set(model.secrets)
+    from opsdrill.inventory_mail import mail_cross_checks
+
+    assert {"example.com", "news.example.com"} == set(model.sending_domains)
+    assert model.dns is not None and model.sending_domain_discovery is not None
+    assert mail_cross_checks(root / "docs" / "inventory.example.toml", model) == []
+
+
+# -- mail authentication sections (opsdrill.inventory_mail) ---------------------------------
+MAIL = """
+[dns]
+nameservers = ["127.0.0.1", "::1"]
+port = 5353
+timeout_seconds = 1.5
+
+[mail_providers.relay-one]
+spf = ["include:_spf.relay-one.test"]
+dkim_selectors = ["r1"]
+dkim_cname_suffix = "dkim.relay-one.test"
+
+[mail_providers.relay-two]
+spf = ["include:_spf.relay-two.test", "ip4:192.0.2.0/24"]
+dkim_selectors = ["R2"]
+
+[sending_domains."Example.TEST."]
+providers = ["relay-one"]
+dkim_selectors = ["sel1"]
+receives_mail = true
+forbidden_mx = ["App.Example.test"]
+sending_ips = ["127.0.0.1"]
+dkim_min_rsa_bits = 2048
+dmarc = { min_policy = "reject", min_subdomain_policy = "quarantine", adkim = "r" }
+migration = { from = "relay-one", to = "relay-two", until = 2030-01-01T00:00:00Z }
+
+[sending_domains."portal.example.net"]
+providers = ["relay-one"]
+receives_mail = false
+
+[sending_domain_discovery]
+database = "crm"
+query = "SELECT DISTINCT split_part(from_address, '@', 2) FROM crm.email_settings"
+"""
+
+
+def test_mail_sections_load_normalised_with_accessors(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    inv = load(write(tmp_path, GOOD + MAIL), environ=ENV)
+    assert list(inv.model.sending_domains) == ["example.test", "portal.example.net"]
+    main = inv.sending_domain("EXAMPLE.test.")
+    assert main.forbidden_mx == ["app.example.test"]
+    assert main.dmarc.subdomain_minimum == "quarantine" and main.dmarc.aspf is None
+    assert inv.dns.nameservers == ["127.0.0.1", "::1"] and inv.dns.port == 5353
+    during, after = datetime(2029, 6, 1, tzinfo=UTC), datetime(2030, 6, 1, tzinfo=UTC)
+    assert list(inv.providers_for("example.test", during)) == ["relay-one", "relay-two"]
+    assert list(inv.providers_for("example.test", after)) == ["relay-one"]
+    assert main.migrating(during) and not main.migrating(after)
+    selectors = inv.dkim_selectors_for("example.test", during)
+    assert [(s.selector, s.provider, s.cname_suffix) for s in selectors] == [
+        ("sel1", None, None),
+        ("r1", "relay-one", "dkim.relay-one.test"),
+        ("r2", "relay-two", None),
+    ]
+    portal = inv.sending_domain("portal.example.net")
+    assert portal.dmarc.min_policy == "reject" and portal.dkim_min_rsa_bits == 2048
+    with pytest.raises(ConfigError, match=r"no sending_domains\.other\.test"):
+        inv.sending_domain("other.test")
+
+
+def test_dns_defaults_to_the_system_resolver(tmp_path: Path) -> None:
+    inv = load(write(tmp_path, GOOD), environ=ENV)
+    assert inv.dns.nameservers == [] and inv.dns.port == 53 and inv.dns.timeout_seconds == 2.0
+    assert inv.model.sending_domains == {} and inv.model.sending_domain_discovery is None
+
+
+def test_mail_sections_need_no_secrets_in_any_scope(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + MAIL)
+    env = {k: v for k, v in ENV.items() if k != "T_DB_PASSWORD"}
+    assert load(path, environ=env, scope="store").sending_domain("example.test").receives_mail
+    assert load(path, environ=ENV, scope="backup").dns.port == 5353
+
+
+def test_unknown_provider_and_bad_migration_are_named(tmp_path: Path) -> None:
+    text = GOOD + MAIL.replace(
+        'providers = ["relay-one"]\nreceives_mail = false',
+        'providers = ["ses"]\nreceives_mail = false',
+    ).replace('to = "relay-two"', 'to = "relay-9"')
+    msg = error_of(write(tmp_path, text))
+    assert (
+        "sending_domains.\"portal.example.net\".providers: no mail provider 'ses' "
+        "(fix: use one of ['relay-one', 'relay-two'] or add [mail_providers.ses])" in msg
+    )
+    assert "sending_domains.\"example.test\".migration.to: no mail provider 'relay-9'" in msg
+    # portal.example.net now has no selector at all: DKIM would go unchecked
+    assert 'sending_domains."portal.example.net": no DKIM selector is expected' in msg
+    assert len(msg.splitlines()) == 3
+
+
+def test_migration_to_itself_and_without_time_zone(tmp_path: Path) -> None:
+    same = MAIL.replace('to = "relay-two"', 'to = "relay-one"')
+    msg = error_of(write(tmp_path, GOOD + same))
+    assert "migration: from and to are both 'relay-one'" in msg
+    naive = MAIL.replace("2030-01-01T00:00:00Z", "2030-01-01T00:00:00")
+    msg = error_of(write(tmp_path, GOOD + naive))
+    assert 'sending_domains."Example.TEST.".migration.until: until needs a time zone' in msg
+
+
+def test_discovery_database_must_exist(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, GOOD + MAIL.replace('database = "crm"', 'database = "app"')))
+    assert "sending_domain_discovery.database: no database 'app' (fix: use one of ['crm'])" in msg
+    bad = MAIL.replace('query = "SELECT', 'query = "DELETE FROM x; SELECT')
+    msg = error_of(write(tmp_path, GOOD + bad))
+    assert "sending_domain_discovery.query: query must be a single read-only SELECT" in msg
+
+
+def test_unknown_key_and_bad_values_in_mail_sections(tmp_path: Path) -> None:
+    text = (
+        MAIL.replace("dkim_min_rsa_bits = 2048", "dkim_min_bits = 2048")
+        .replace('min_policy = "reject"', 'min_policy = "strict"')
+        .replace('sending_ips = ["127.0.0.1"]', 'sending_ips = ["127.0.0.300"]')
+        .replace('nameservers = ["127.0.0.1", "::1"]', 'nameservers = ["dns.example"]')
+        .replace('forbidden_mx = ["App.Example.test"]', 'forbidden_mx = ["app..test"]')
+        .replace("timeout_seconds = 1.5", "timeout_seconds = 60")
+        .replace('"ip4:192.0.2.0/24"', '"~all"')
+    )
+    msg = error_of(write(tmp_path, GOOD + text))
+    where = f'{tmp_path / "inventory.toml"}: sending_domains."Example.TEST."'
+    assert f"{where}.dkim_min_bits: unknown key" in msg
+    assert "fix: remove it or check its spelling" in msg
+    assert (
+        f"{where}.dmarc.min_policy: Input should be 'none', 'quarantine' or 'reject', "
+        "found 'strict'" in msg
+    )
+    assert f"{where}.sending_ips.0: not an IPv4 or IPv6 address, found '127.0.0.300'" in msg
+    assert f"{where}.forbidden_mx.0: not a fully qualified domain name" in msg
+    assert "dns.nameservers.0: not an IPv4 or IPv6 address, found 'dns.example'" in msg
+    assert "dns.timeout_seconds: Input should be less than or equal to 30" in msg
+    assert "mail_providers.relay-two.spf.1: give the mechanism without a qualifier" in msg
+    assert len(msg.splitlines()) == 7
+
+
+def test_same_domain_twice_and_selector_listed_twice(tmp_path: Path) -> None:
+    twice = MAIL + '\n[sending_domains."example.test"]\nproviders = ["relay-one"]\n'
+    twice += "receives_mail = true\n"
+    msg = error_of(write(tmp_path, GOOD + twice))
+    assert "'Example.TEST.' and 'example.test' are the same domain" in msg
+    dup = MAIL.replace('dkim_selectors = ["sel1"]', 'dkim_selectors = ["sel1", "R1"]')
+    msg = error_of(write(tmp_path, GOOD + dup))
+    assert "dkim_selectors: 'r1' is already provider 'relay-one''s selector" in msg
+
+
+def test_policy_order() -> None:
+    from opsdrill.inventory_mail import policy_at_least
+
+    assert policy_at_least("reject", "quarantine") and policy_at_least("Quarantine", "none")
+    assert not policy_at_least("none", "quarantine") and not policy_at_least("rejekt", "none")

@@ -3,7 +3,9 @@
 ``LocalStack.up()`` starts every component, writes ``DIR/inventory.toml`` (plus a 0600
 ``DIR/secrets.env`` it points at) and records PIDs in ``DIR/stack.json`` so that
 ``down()`` from another process stops exactly what was started. Components are listed in
-one place (``_components``) so later servers (DNS, mail) slot in beside these.
+one place (``COMPONENT_KINDS``) so later servers (mail) slot in beside these. The DNS
+server (Knot) serves the demo mail-authentication zones of ``demo_dns``; tests edit its
+records at runtime through ``LocalStack.knot()`` and put them back with ``restore_all()``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any, Protocol
 
 import tomli_w
 
+from opsdrill.stack import demo_dns
 from opsdrill.stack.gnupg_keys import generate_keypair
+from opsdrill.stack.knot import KnotServer
 from opsdrill.stack.postgres import SUPERUSER, PgCluster
 from opsdrill.stack.s3server import S3Server
 
@@ -54,7 +58,11 @@ class Component(Protocol):
     def status(self) -> str: ...
 
 
-COMPONENT_KINDS: dict[str, type[Any]] = {"postgres": PgCluster, "s3": S3Server}
+COMPONENT_KINDS: dict[str, type[Any]] = {
+    "postgres": PgCluster,
+    "s3": S3Server,
+    "knot": KnotServer,
+}
 
 
 def _moto_version() -> str:
@@ -107,6 +115,7 @@ class LocalStack:
         sandbox = PgCluster("sandbox", self.base / "pg-sandbox")
         offsite = S3Server("offsite", self.base / "s3-offsite")
         live_s3 = S3Server("live", self.base / "s3-live")
+        dns = KnotServer("dns", self.base / "knot")
         try:
             live.init(creds["OPSDRILL_LIVE_PG_PASSWORD"])
             sandbox.init(creds["OPSDRILL_SANDBOX_PG_PASSWORD"])
@@ -118,6 +127,8 @@ class LocalStack:
             self._record("s3_offsite", offsite)
             live_s3.start()
             self._record("s3_live", live_s3)
+            dns.start(demo_dns.publish(self.base / "dkim").zones)
+            self._record("dns", dns, config=str(dns.conf), zones=dns.zones())
             keys = generate_keypair(
                 self.base / "gpg", "opsdrill backup", creds["OPSDRILL_GPG_PASSPHRASE"]
             )
@@ -128,9 +139,13 @@ class LocalStack:
             self.down()
             raise
         self._write_secrets(creds)
-        self._write_inventory(live, sandbox, offsite, live_s3, keys, app_env)
+        self._write_inventory(live, sandbox, offsite, live_s3, keys, app_env, dns)
         self.state["started_seconds"] = round(time.monotonic() - started, 2)
-        self.state["versions"] = {"postgresql": live.version(), "s3": "moto " + _moto_version()}
+        self.state["versions"] = {
+            "postgresql": live.version(),
+            "s3": "moto " + _moto_version(),
+            "dns": dns.version(),
+        }
         self._save_state()
         return self.inventory_path
 
@@ -156,13 +171,26 @@ class LocalStack:
     def any_running(self) -> bool:
         return any(v == "running" for v in self.status().values())
 
+    def knot(self) -> KnotServer:
+        """The running DNS server, rebuilt from the recorded state, for runtime record edits.
+
+        A test that edits records puts them back with ``restore_all()`` (or
+        ``restore_zone``), since every test of the worker shares this server.
+        """
+        self.load_state()
+        info = self.state.get("components", {}).get("dns")
+        if info is None:
+            raise RuntimeError(f"no DNS server recorded in {self.base / STATE_FILE}")
+        return KnotServer(info["name"], Path(info["base"]), port=info["port"], pid=info["pid"])
+
     # -- internals -----------------------------------------------------------------
     def _component(self, name: str, info: dict[str, Any]) -> Component:
         cls = COMPONENT_KINDS[info["kind"]]
         comp: Component = cls(info["name"], Path(info["base"]), port=info["port"], pid=info["pid"])
         return comp
 
-    def _record(self, key: str, comp: Component) -> None:
+    def _record(self, key: str, comp: Component, **extra: Any) -> None:
+        """Record a started component; ``extra`` is for people and tests reading the state."""
         kind = next(k for k, cls in COMPONENT_KINDS.items() if isinstance(comp, cls))
         self.state.setdefault("components", {})[key] = {
             "kind": kind,
@@ -170,6 +198,7 @@ class LocalStack:
             "base": str(comp.base),
             "port": comp.port,
             "pid": comp.pid,
+            **extra,
         }
         self._save_state()
 
@@ -258,6 +287,7 @@ class LocalStack:
         live_s3: S3Server,
         keys: Any,
         app_env: Path,
+        dns: KnotServer,
     ) -> None:
         def store(server: S3Server, who: str, bucket: str, prefix: str) -> dict[str, Any]:
             return {
@@ -320,6 +350,7 @@ class LocalStack:
                     "rpo_minutes": 1440,
                 }
             },
+            **demo_dns.inventory_tables(dns.port, DEMO_DB),
         }
         self.inventory_path.write_text(
             "# Written by `opsdrill stack up`: the local stack's targets.\n"

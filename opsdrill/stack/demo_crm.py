@@ -14,6 +14,8 @@ from typing import Any
 
 import psycopg
 
+from opsdrill.stack.demo_dns import EMAIL_SETTINGS
+
 _MIB = 1024 * 1024
 # pg_database_size() of an empty PG15 database (~7.2 MiB) plus our schema, stats and LOs.
 _BASELINE_BYTES = 9_500_000
@@ -91,6 +93,9 @@ CREATE TABLE crm.contacts (
     "Lead Score" smallint NOT NULL DEFAULT 0 CHECK ("Lead Score" BETWEEN 0 AND 100),
     created_at timestamptz NOT NULL, profile jsonb NOT NULL DEFAULT '{}');
 COMMENT ON COLUMN crm.contacts."Lead Score" IS '0-100, computed nightly by marketing';
+CREATE TABLE crm.email_settings (
+    id integer PRIMARY KEY, portal text, from_address text NOT NULL);
+COMMENT ON TABLE crm.email_settings IS 'Sender address per portal: the sending domains';
 CREATE TABLE crm.attachments (
     id serial, contact_id bigint NOT NULL, file_name text NOT NULL, content_type text NOT NULL,
     content bytea NOT NULL, uploaded_at timestamptz NOT NULL);
@@ -288,6 +293,7 @@ def demo_table_names() -> list[str]:
         "crm.contacts",
         "crm.attachments",
         "crm.contracts",
+        "crm.email_settings",
         "billing.invoices",
         "billing.payments",
         '"Sales Ops".deals',
@@ -308,6 +314,8 @@ def create_demo_crm(conn: psycopg.Connection[Any], *, size_mb: int = 8) -> None:
         conn.execute(_DDL + _partition_ddl())
         for statement in _LOAD:
             conn.execute(statement, params)
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO crm.email_settings VALUES (%s, %s, %s)", EMAIL_SETTINGS)
         conn.execute(_POST_LOAD)
         conn.execute(_ANALYZE)
     if not conn.autocommit:
