@@ -1,10 +1,12 @@
 """``opsdrill restore``: fetch, verify, decrypt, decompress, pg_restore; and the drill.
 
-The object streams from S3 through Python (hashing it) into ``gpg | zstd``. With
-``restore_jobs > 1`` the decompressed dump is spooled to a temporary file because
-``pg_restore -j`` needs a seekable input; with 1 job it streams straight into pg_restore
-and nothing touches local disk. The sha256 is compared with the manifest before a restore
-is declared good; a mismatch drops what was restored.
+The object streams from S3 through Python (hashing it) into ``gpg | zstd | pg_restore``.
+With ``restore_jobs > 1`` a ``tee`` also spools the decompressed dump to a temporary file:
+the schema and the data load from the stream while it arrives, and only the post-data
+section (indexes, constraints), where most of the time goes, runs as ``pg_restore -j`` on
+the file, which needs a seekable input. With 1 job nothing touches local disk. The sha256
+is compared with the manifest before a restore is declared good; a mismatch drops what was
+restored.
 """
 
 from __future__ import annotations
@@ -183,18 +185,24 @@ def restore_into(
         spool = Path(work) / "dump"
         if jobs == 1:
             stages.append(Stage("pg_restore", restore_argv, env=target.libpq_env()))
-            sink: Any = None
         else:
-            sink = spool.open("wb")
-        fetched = _stream_object(s3, store.bucket, ref, manifest, stages, sink, progress, pass_r)
-        if sink is not None:
-            sink.close()
-            progress.set_stage(f"pg_restore -j{jobs}")
+            # warn-nopipe: should pg_restore stop reading early, tee still completes the file
+            stages.append(Stage("spool (tee)", ["tee", "--output-error=warn-nopipe", str(spool)]))
+            stages.append(
+                Stage(
+                    "pg_restore (schema and data)",
+                    [*restore_argv, "--section=pre-data", "--section=data"],
+                    env=target.libpq_env(),
+                )
+            )
+        fetched = _stream_object(s3, store.bucket, ref, manifest, stages, progress, pass_r)
+        if jobs > 1:
+            progress.set_stage(f"pg_restore -j{jobs} post-data")
             pipe = Pipeline(
                 [
                     Stage(
-                        "pg_restore",
-                        [*restore_argv, f"--jobs={jobs}", str(spool)],
+                        "pg_restore (indexes and constraints)",
+                        [*restore_argv, f"--jobs={jobs}", "--section=post-data", str(spool)],
                         env=target.libpq_env(),
                     )
                 ]
@@ -230,7 +238,6 @@ def _stream_object(
     ref: BackupRef,
     manifest: Manifest,
     stages: list[Stage],
-    sink: Any,
     progress: Progress,
     pass_r: int | None,
 ) -> int:
@@ -240,9 +247,7 @@ def _stream_object(
     assert ref.data_key is not None
     digest = hashlib.sha256()
     size = 0
-    pipe = Pipeline(
-        stages, stdin=subprocess.PIPE, stdout=sink if sink is not None else subprocess.DEVNULL
-    )
+    pipe = Pipeline(stages, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     if pass_r is not None:
         os.close(pass_r)
     try:
