@@ -1,3 +1,3 @@
 """Load the opsdrill pytest plugin for both the checks and our own tests."""
 
-pytest_plugins = ["fixtures.plugin"]
+pytest_plugins = ["fixtures.plugin", "fixtures.outcomes"]

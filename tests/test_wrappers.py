@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, Env
 
 SCRIPTS = ROOT / "scripts" / "backup"
@@ -25,7 +27,10 @@ def wrapper(name: str, env: Env, lock_dir: Path, *args: str) -> subprocess.Compl
     )
 
 
-def test_wrappers_run_the_operation_and_log_one_line(env: Env, tmp_path: Path) -> None:
+def test_wrappers_run_the_operation_and_log_one_line(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPSDRILL_METRICS_DIR", str(tmp_path / "textfile"))
     for name, expect in (
         ("pg-backup.sh", "opsdrill-backup: ok"),
         ("secrets-backup.sh", "opsdrill-secrets-backup: ok"),
@@ -35,6 +40,12 @@ def test_wrappers_run_the_operation_and_log_one_line(env: Env, tmp_path: Path) -
         assert proc.returncode == 0, proc.stderr
         assert expect in proc.stderr
     assert len([r for r in env.refs() if r.complete]) == 1
+    proms = sorted(p.name for p in (tmp_path / "textfile").glob("*.prom"))
+    assert proms == ["opsdrill-backup.prom", "opsdrill-prune.prom", "opsdrill-secrets-backup.prom"]
+    assert (
+        'opsdrill_operation_success{operation="backup",target="all"} 1.0'
+        in (tmp_path / "textfile" / "opsdrill-backup.prom").read_text()
+    )
 
 
 def test_wrapper_skips_while_a_previous_run_holds_the_lock(env: Env, tmp_path: Path) -> None:

@@ -10,11 +10,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import urllib3
 from minio.error import S3Error
 
-from opsdrill import __version__
+from opsdrill import __version__, metrics
 from opsdrill.cli.files import cmd_mirror, cmd_mirror_restore, cmd_secrets
 from opsdrill.cli.pg import cmd_backup, cmd_list, cmd_prune, cmd_restore
 from opsdrill.cli.setup import cmd_inventory_check, cmd_stack
@@ -30,6 +31,42 @@ Exit codes:
   2  configuration wrong, a target unreachable, or a safety guard refused
 
 Runbook: docs/runbooks/backup-and-restore.md"""
+
+
+def with_metrics(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="also write the outcome as Prometheus text (node_exporter textfile collector); "
+        "merged with what PATH holds, replaced atomically",
+    )
+
+
+def _operation(args: argparse.Namespace) -> tuple[str, str]:
+    """Metric labels: what ran, and on which inventory target (or all of them)."""
+    name = args.command
+    if name == "secrets":
+        name = f"secrets_{args.secrets_command}"
+    elif name == "restore":
+        name = "drill" if args.drill else "restore"
+    target = next(
+        (v for v in (getattr(args, k, None) for k in ("database", "mirror", "bundle")) if v),
+        "all",
+    )
+    return name, target
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = getattr(args, "metrics_file", None)
+    if not path:
+        return int(args.func(args))
+    code = 1
+    with metrics.recording(*_operation(args)) as run:
+        try:
+            code = int(args.func(args))
+        finally:
+            metrics.write_operation(Path(path), run, ok=code == 0)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("backup", help="pg_dump | compress | gpg -> S3, with a manifest")
     withinventory_for(b)
+    with_metrics(b)
     b.set_defaults(func=cmd_backup)
 
     ls = sub.add_parser("list", help="list backups in the off-site store")
@@ -94,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="apply the retention policy (hourly + daily tiers)")
     withinventory_for(pr)
     pr.add_argument("--dry-run", action="store_true", help="print keep/delete with reasons")
+    with_metrics(pr)
     pr.set_defaults(func=cmd_prune)
 
     mi = sub.add_parser("mirror", help="copy new/changed files from the live bucket off-site")
     mi.add_argument("--inventory", "-i", required=True, help="inventory TOML file")
     mi.add_argument("--mirror", "-m", help="mirror name in the inventory (default: all)")
     mi.add_argument("--workers", type=int, help="parallel copies (default: the inventory's)")
+    with_metrics(mi)
     mi.set_defaults(func=cmd_mirror)
 
     mr = sub.add_parser(
@@ -127,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sb.add_argument("--inventory", "-i", required=True)
     sb.add_argument("--bundle", "-b", help="bundle name in the inventory (default: all)")
+    with_metrics(sb)
     sl = se_sub.add_parser("list", help="list stored bundles")
     sl.add_argument("--inventory", "-i", required=True)
     sl.add_argument("--bundle", "-b", required=True)
@@ -167,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not restore ownership (roles missing on the target)",
     )
+    with_metrics(rs)
     rs.set_defaults(func=cmd_restore)
     return p
 
@@ -176,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return_large_buffers_to_os()
     try:
-        return int(args.func(args))
+        return _run(args)
     except OpsdrillError as exc:
         print(f"opsdrill: error: {exc.message}", file=sys.stderr)
         return exc.exit_code

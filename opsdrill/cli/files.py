@@ -8,6 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from opsdrill import metrics
 from opsdrill.cli.common import inventory_for
 from opsdrill.errors import ConfigError
 
@@ -23,6 +24,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     for name in names:
         inv.mirror(name)
         summary = run_mirror(inv, name, workers=args.workers)
+        metrics.add_bytes(summary.bytes_copied)
         print(summary.line())
         for error in summary.errors[:50]:
             print(f"  error: {error}", file=sys.stderr)
@@ -59,6 +61,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
         for name in names:
             inv.bundle(name)
             manifest = envbundle.backup_bundle(inv, name)
+            metrics.add_bytes(int(manifest.object.get("size", 0)))
             keys = ", ".join(
                 f"{k} {envbundle.short(v)}"
                 for k, v in sorted(manifest.keys.items())

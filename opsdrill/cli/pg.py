@@ -6,6 +6,7 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
+from opsdrill import metrics
 from opsdrill.cli.common import databases_in, inventory_for
 from opsdrill.errors import ConfigError, OpsdrillError
 from opsdrill.inventory import Inventory
@@ -17,6 +18,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     inv = inventory_for(args, scope="backup")
     for name in databases_in(inv, args.database):
         manifest = run_backup(inv, name)
+        metrics.add_bytes(int(manifest.object["size"]))
         print(
             f"backup {manifest.id}: {manifest.object['size']} bytes, "
             f"sha256 {manifest.object['sha256'][:16]}..., "
@@ -57,6 +59,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     inv = inventory_for(args)
     if args.drill:
         report = restore.drill(inv, args.database, backup_id=args.backup, live_required=False)
+        metrics.add_bytes(int(report.manifest.object["size"]))
         print(drill_summary(report))
         return 0 if report.ok else 1
     return restore_interactive(inv, args)

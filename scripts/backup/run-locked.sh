@@ -6,6 +6,8 @@
 #   OPSDRILL_INVENTORY  inventory TOML (required)
 #   OPSDRILL_BIN        opsdrill executable (default: opsdrill on PATH)
 #   OPSDRILL_LOCK_DIR   where the lock file lives (default: /run/lock)
+#   OPSDRILL_METRICS_DIR  if set, also write DIR/opsdrill-COMMAND.prom (Prometheus text for
+#                       node_exporter's textfile collector: success, last success, bytes)
 #
 # Exit status is opsdrill's (0 ok, 1 failed, 2 config/unreachable/refused), or 75 when a
 # previous run still holds the lock. Runbook: docs/runbooks/backup-and-restore.md
@@ -29,10 +31,14 @@ if ! flock -n 9; then
   exit 75
 fi
 
+extra=()
+if [ -n "${OPSDRILL_METRICS_DIR:-}" ]; then
+  extra=(--metrics-file "$OPSDRILL_METRICS_DIR/opsdrill-$name.prom")
+fi
 what="$name --inventory $inventory${*:+ $*}"
 started=$(date +%s)
 # fd 9 (the lock) is not handed to opsdrill, so no helper process it starts can keep it.
-if "$bin" "${words[@]}" --inventory "$inventory" "$@" 9>&-; then rc=0; else rc=$?; fi
+if "$bin" "${words[@]}" --inventory "$inventory" "${extra[@]}" "$@" 9>&-; then rc=0; else rc=$?; fi
 elapsed=$(($(date +%s) - started))
 
 if [ "$rc" -eq 0 ]; then
