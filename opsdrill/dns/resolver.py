@@ -8,6 +8,10 @@ feed zone data from a dict while checks ask a real server. The contract that mat
 - A timeout, REFUSED or SERVFAIL from every server raises ``TargetUnreachable``: we could
   not learn anything, and a check must call that broken, never pass.
 - Every query is bounded by a lifetime: nothing waits forever.
+- A CNAME whose target the server does not answer for in the same response (an
+  authoritative server, such as the local stack's Knot, stops at the edge of its zone) is
+  followed with further queries, as a recursive resolver would: at most
+  ``MAX_CNAME_HOPS`` more, loop-safe, the chain in ``cname_chain``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import dns.rrset
 from opsdrill.errors import ConfigError, TargetUnreachable
 
 ADDRESS_TYPES = ("A", "AAAA")
+# Further queries to follow a CNAME chain the server left unfinished. A recursive resolver
+# gives up on long chains too (dnspython's own limit within one response is 16 names).
+MAX_CNAME_HOPS = 8
 
 
 def normalise_name(name: str) -> str:
@@ -150,9 +157,55 @@ class DnsResolver:
         return [f"{ns}:{self.port}" for ns in self._resolver.nameservers]
 
     def query(self, name: str, rdtype: str) -> DnsAnswer:
+        answer = self._ask(normalise_name(name), rdtype)
+        if answer.records or answer.rcode != "NOERROR" or not answer.cname_chain:
+            return answer
+        if answer.rdtype == "CNAME":
+            return answer
+        return self._follow(answer)
+
+    def _follow(self, first: DnsAnswer) -> DnsAnswer:
+        """Finish a CNAME chain the server did not resolve (an authoritative server does
+        not chase a CNAME into another zone): ask for the last target, up to
+        ``MAX_CNAME_HOPS`` more queries, stopping at a name already in the chain.
+
+        The result reads as one answer to the original question: the final records and
+        rcode, the whole chain, every hop's text (evidence) and the summed time.
+        """
+        hops = [first]
+        chain = list(first.cname_chain)
+        seen = {first.qname, *chain}
+        note = ""
+        current = first
+        while not current.records and current.rcode == "NOERROR" and current.cname_chain:
+            if len(hops) > MAX_CNAME_HOPS:
+                note = f";; CNAME chain not followed further: {MAX_CNAME_HOPS} hops already"
+                break
+            current = self._ask(chain[-1], first.rdtype)
+            hops.append(current)
+            looped = [n for n in current.cname_chain if n in seen]
+            chain.extend(current.cname_chain)
+            seen.update(current.cname_chain)
+            if looped and not current.records:
+                note = f";; CNAME loop: {looped[0]} is already in the chain, not followed"
+                break
+        final = hops[-1]
+        return DnsAnswer(
+            qname=first.qname,
+            rdtype=first.rdtype,
+            rcode=final.rcode,
+            records=final.records,
+            strings=final.strings,
+            cname_chain=tuple(chain),
+            text="\n".join([*(hop.text for hop in hops), *([note] if note else [])]),
+            elapsed_ms=sum(hop.elapsed_ms for hop in hops),
+            server=final.server,
+        )
+
+    def _ask(self, qname: str, rdtype: str) -> DnsAnswer:
+        """One query to the servers, as they answer it (no CNAME chasing of our own)."""
         with self._lock:
             self.queries += 1
-        qname = normalise_name(name)
         where = f"DNS {qname or '.'} {rdtype}"
         try:
             dname = dns.name.from_text(qname or ".")

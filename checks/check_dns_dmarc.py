@@ -1,0 +1,83 @@
+"""DMARC: one record at ``_dmarc``, a policy at least the inventory's minimum, and
+aggregate reports that reach a mailbox allowed to receive them.
+
+When there is no single record (none, or several), the policy and reports checks fail
+too, pointing at ``dns.dmarc.record``: without a record receivers apply no policy and
+send no reports.
+"""
+
+from __future__ import annotations
+
+import allure
+import pytest
+
+from fixtures.checks import Check
+from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, fail_with, select
+from opsdrill.dns import DmarcReport
+
+RUNBOOK = f"{RUNBOOK_MAIL}#dmarc"
+# No record (or several, which receivers treat as none): the domain can be spoofed and
+# large mailbox providers demand DMARC of bulk senders. Critical, not blocker: mail that
+# passes SPF or DKIM is still delivered meanwhile.
+RECORD = Check("dns.dmarc.record", "critical", RUNBOOK, "dns", "dmarc")
+# A policy below the minimum: spoofed mail is delivered instead of rejected. Critical.
+POLICY = Check("dns.dmarc.policy", "critical", RUNBOOK, "dns", "dmarc")
+# Reports are the diagnostic feed (and the migration's proof); mail flows without them.
+REPORTS = Check("dns.dmarc.reports", "normal", RUNBOOK, "dns", "dmarc")
+
+RECORD_CODES = ("dmarc.missing", "dmarc.multiple_records", "dmarc.syntax")
+POLICY_CODES = ("dmarc.policy", "dmarc.subdomain_policy", "dmarc.pct", "dmarc.alignment")
+REPORT_CODES = ("dmarc.rua_missing", "dmarc.rua_invalid", "dmarc.rua_unauthorised")
+
+pytestmark = pytest.mark.dns
+
+
+def _needs_record(check: Check, target: DnsTarget, report: DmarcReport, expected: str) -> None:
+    if report.record is not None:
+        return
+    found = select(report, ("dmarc.missing", "dmarc.multiple_records"))
+    why = f" ({found[0].message})" if found else ""
+    check.fail(
+        target.id,
+        f"DNS {report.name} TXT dmarc: expected {expected}, found no single DMARC record "
+        f"to evaluate, see dns.dmarc.record{why}",
+    )
+
+
+@RECORD
+def check_dmarc_record_is_single_and_valid(dns_target: DnsTarget) -> None:
+    allure.dynamic.title(f"{dns_target.domain} publishes exactly one valid DMARC record")
+    report = dns_target.dmarc()
+    attach_report("dmarc", report)
+    fail_with(RECORD, dns_target.id, select(report, RECORD_CODES))
+
+
+@POLICY
+def check_dmarc_policy_is_at_least_the_minimum(dns_target: DnsTarget) -> None:
+    want = dns_target.expected.dmarc
+    alignment = "".join(
+        f", {label}={mode}" for label, mode in (("adkim", want.adkim), ("aspf", want.aspf)) if mode
+    )
+    expected = (
+        f"p={want.min_policy} or stronger, sp={want.subdomain_minimum} or stronger, "
+        f"no pct= or pct=100{alignment}"
+    )
+    allure.dynamic.title(f"{dns_target.domain}'s DMARC record sets {expected}")
+    report = dns_target.dmarc()
+    attach_report("dmarc", report)
+    _needs_record(POLICY, dns_target, report, expected)
+    fail_with(POLICY, dns_target.id, select(report, POLICY_CODES))
+
+
+@REPORTS
+def check_dmarc_reports_reach_authorised_mailboxes(dns_target: DnsTarget) -> None:
+    want = dns_target.expected.dmarc
+    allure.dynamic.title(
+        f"{dns_target.domain}'s DMARC aggregate reports (rua) go to valid mailto: addresses "
+        "that accept them"
+    )
+    report = dns_target.dmarc()
+    attach_report("dmarc", report)
+    expected = "rua= with valid mailto: URIs" if want.require_rua else "valid rua= URIs if any"
+    _needs_record(REPORTS, dns_target, report, expected)
+    fail_with(REPORTS, dns_target.id, select(report, REPORT_CODES))
