@@ -99,3 +99,12 @@ def test_check_run_exit_codes_and_counts(env: Env, tmp_path: Path) -> None:
     assert got[("opsdrill_checks", (("area", "pg"), ("outcome", "passed")))] == 1
     assert got[("opsdrill_checks", (("area", "pg"), ("outcome", "failed")))] == 0
     assert got[("opsdrill_checks_last_success_timestamp_seconds", ())] > 0
+
+
+def test_a_malformed_inventory_is_exit_2_with_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[stores.s]\nendpoint = "http://x"\nbogus = 1\n')
+    run = run_checks(bad, "check_pg_freshness.py")
+    assert run.returncode == 2, run.output[-2000:]
+    assert "stores.s.bogus: unknown key" in run.output
+    assert "stores.s.bucket: Field required" in run.output
