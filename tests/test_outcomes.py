@@ -108,3 +108,12 @@ def test_a_malformed_inventory_is_exit_2_with_every_problem(tmp_path: Path) -> N
     assert run.returncode == 2, run.output[-2000:]
     assert "stores.s.bogus: unknown key" in run.output
     assert "stores.s.bucket: Field required" in run.output
+
+
+def test_an_inventory_without_mirrors_or_domains_skips_their_checks(env: Env) -> None:
+    env.backup()
+    env.rewrite(lambda d: [d.pop(k, None) for k in ("mirrors", "secrets", "sending_domains")])
+    run = run_checks(env.path, "check_files_mirror.py", "check_pg_freshness.py")
+    assert "INTERNALERROR" not in run.output, run.output[-2000:]
+    assert run.returncode == 0, run.output[-2000:]
+    assert run.status("pg.backup.freshness") == "passed"
