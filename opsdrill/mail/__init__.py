@@ -1,0 +1,113 @@
+"""Mail delivery probes: SMTP -> IMAP round trips and the runbook's diagnosis steps.
+
+Plain parameters and small frozen dataclasses in, rich results out; no pytest and no
+inventory models (the fixtures map the inventory onto these). Every network call is
+bounded by a timeout. Failure kinds follow ``opsdrill.errors``: a server that cannot be
+reached raises ``TargetUnreachable`` (a check is *broken*); a server that answered no
+(SMTP 535, a refused recipient, a message that never arrived, a 500 from the
+application) raises ``ProbeFailed`` or a subclass (a check *fails*).
+
+Modules: ``smtp`` (submit a probe), ``imap`` (sessions, delete, sweep), ``wait`` (IDLE
+or polling until a matcher finds the message), ``message`` (tokens, headers, links),
+``dkim_verify``, ``authresults`` (RFC 8601, trusted authserv-ids only), ``spam``
+(spamd), ``trigger`` (the application's HTTP trigger, link fetch), ``backlog`` (BullMQ),
+``appenv`` (EMAIL_REDIRECT_TO), ``probe`` (a whole run and its ``ProbeResult``).
+"""
+
+from opsdrill.mail.appenv import forbidden_keys_set, read_app_env
+from opsdrill.mail.authresults import (
+    AuthResult,
+    AuthResultsHeader,
+    AuthResultsReport,
+    authentication_results,
+    parse_header,
+)
+from opsdrill.mail.backlog import Backlog, backlog_from_client, bullmq_backlog, over_thresholds
+from opsdrill.mail.dkim_verify import DkimReport, DkimSignatureVerdict, aligned, verify_dkim
+from opsdrill.mail.errors import AuthRejected, MessageNotFound, ProbeFailed
+from opsdrill.mail.imap import (
+    ImapMailbox,
+    delete_messages,
+    session,
+    snapshot_uidnext,
+    sweep_stale_probes,
+)
+from opsdrill.mail.message import (
+    PROBE_HEADER,
+    ProbeMessage,
+    build_probe_message,
+    extract_links,
+    from_domain,
+    header_values,
+    new_token,
+)
+from opsdrill.mail.probe import (
+    Analysis,
+    AppTrigger,
+    ProbeResult,
+    ReceiveOptions,
+    SpamdTarget,
+    run_direct_probe,
+    run_triggered_probe,
+)
+from opsdrill.mail.smtp import SendReceipt, SmtpEndpoint, send_probe, submit
+from opsdrill.mail.spam import SpamRule, SpamVerdict, parse_response, score_with_spamd
+from opsdrill.mail.trigger import LinkFetch, TriggerResponse, fetch_link, trigger_app
+from opsdrill.mail.wait import AppMessageMatch, FoundMessage, Matcher, TokenMatch, wait_for_message
+
+__all__ = [
+    "PROBE_HEADER",
+    "Analysis",
+    "AppMessageMatch",
+    "AppTrigger",
+    "AuthRejected",
+    "AuthResult",
+    "AuthResultsHeader",
+    "AuthResultsReport",
+    "Backlog",
+    "DkimReport",
+    "DkimSignatureVerdict",
+    "FoundMessage",
+    "ImapMailbox",
+    "LinkFetch",
+    "Matcher",
+    "MessageNotFound",
+    "ProbeFailed",
+    "ProbeMessage",
+    "ProbeResult",
+    "ReceiveOptions",
+    "SendReceipt",
+    "SmtpEndpoint",
+    "SpamRule",
+    "SpamVerdict",
+    "SpamdTarget",
+    "TokenMatch",
+    "TriggerResponse",
+    "aligned",
+    "authentication_results",
+    "backlog_from_client",
+    "build_probe_message",
+    "bullmq_backlog",
+    "delete_messages",
+    "extract_links",
+    "fetch_link",
+    "forbidden_keys_set",
+    "from_domain",
+    "header_values",
+    "new_token",
+    "over_thresholds",
+    "parse_header",
+    "parse_response",
+    "read_app_env",
+    "run_direct_probe",
+    "run_triggered_probe",
+    "score_with_spamd",
+    "send_probe",
+    "session",
+    "snapshot_uidnext",
+    "submit",
+    "sweep_stale_probes",
+    "trigger_app",
+    "verify_dkim",
+    "wait_for_message",
+]

@@ -1,0 +1,86 @@
+"""What the mail clients share: TLS contexts, the loopback rule, and the mapping of
+socket-level failures to ``TargetUnreachable`` with one message shape:
+
+    SMTP 127.0.0.1:2525: connection refused (while connecting, tls=starttls)
+
+The message names the protocol, host:port and the step being attempted; it never
+contains a password (none is passed in, and OpsdrillError redacts registered secrets).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+from typing import Literal
+
+from opsdrill.errors import ConfigError, TargetUnreachable
+
+TlsMode = Literal["starttls", "tls", "none"]
+TLS_MODES: tuple[str, ...] = ("starttls", "tls", "none")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_tls_mode(protocol: str, host: str, port: int, mode: str) -> None:
+    """Plain text is only for the local stack: credentials must not cross a network
+    unencrypted, so ``none`` to a non-loopback host is a configuration error."""
+    if mode not in TLS_MODES:
+        raise ConfigError(
+            f"{protocol} {host}:{port}: tls mode {mode!r}: expected one of {', '.join(TLS_MODES)}"
+        )
+    if mode == "none" and not is_loopback(host):
+        raise ConfigError(
+            f"{protocol} {host}:{port}: tls mode 'none' is allowed only for 127.0.0.1 "
+            "(fix: use 'starttls' or 'tls')"
+        )
+
+
+def tls_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSLContext:
+    """The default context (system CAs, hostname checked), or one trusting ``ca_file``
+    (the local stack's self-signed certificate); ``verify=False`` turns checking off."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def describe(exc: BaseException, timeout: float) -> str:
+    """A short, secret-free reason for a connection-level failure."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"timed out after {timeout:g} s"
+    if isinstance(exc, ConnectionResetError):
+        return exc.strerror or "connection reset by the server"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def unreachable(
+    protocol: str, host: str, port: int, doing: str, exc: BaseException, timeout: float
+) -> TargetUnreachable:
+    return TargetUnreachable(f"{protocol} {host}:{port}: {describe(exc, timeout)} (while {doing})")
+
+
+def excerpt(data: bytes | str, limit: int = 300) -> str:
+    """A server's answer, one line, shortened: enough to diagnose, never a flood."""
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

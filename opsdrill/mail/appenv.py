@@ -1,0 +1,79 @@
+"""The application's environment, for the runbook's "is EMAIL_REDIRECT_TO set?" step.
+
+The environment is read the way the secrets bundle reads it (``opsdrill.envbundle``:
+an env file, or a command such as ``docker exec app printenv`` run without a shell, in
+its own process group, bounded, its output never shown) and parsed by the inventory's
+KEY=VALUE parser. Every value is registered as a secret so ``redact`` masks it anywhere,
+except the keys named ``public``: the check must be able to show EMAIL_REDIRECT_TO's
+value (an address), and a registered value would be masked in its own failure message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from opsdrill.envbundle import _run
+from opsdrill.errors import ConfigError
+from opsdrill.inventory import parse_env_text
+from opsdrill.secrets import register
+
+DEFAULT_COMMAND_TIMEOUT = 30.0
+
+
+def read_app_env(
+    *,
+    env_file: str | Path | None = None,
+    command: Sequence[str] | None = None,
+    timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    public: Iterable[str] = (),
+) -> dict[str, str]:
+    """The application's variables from exactly one of ``env_file`` or ``command``.
+
+    Raises ``ConfigError`` (file unreadable, not KEY=VALUE text) or ``TargetUnreachable``
+    (the command cannot run, fails or times out).
+    """
+    if (env_file is None) == (command is None):
+        raise ConfigError("application env: give exactly one of env_file or command")
+    if env_file is not None:
+        path = Path(env_file)
+        where = str(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"application env_file {path}: cannot read: {exc.strerror}") from None
+    else:
+        assert command is not None
+        if not command:
+            raise ConfigError("application env command: empty")
+        argv = list(command)
+        where = f"output of {argv[0]}"
+        raw = _run(argv, timeout, f"application env command {argv[0]}")
+    try:
+        values = parse_env_text(raw.decode("utf-8"), where)
+    except UnicodeDecodeError:  # its message would quote the offending byte
+        raise ConfigError(f"{where}: not UTF-8 text") from None
+    shown = set(public)
+    for key, value in values.items():
+        if key not in shown:
+            register(value)
+    return values
+
+
+def forbidden_keys_set(
+    env: Mapping[str, str], keys: Iterable[str], *, empty_is_set: bool = False
+) -> dict[str, str]:
+    """The ``keys`` that are set in ``env``, with their values.
+
+    An empty value counts as unset unless ``empty_is_set``: applications test these
+    variables for truthiness (``if (process.env.EMAIL_REDIRECT_TO)``), so
+    ``EMAIL_REDIRECT_TO=`` redirects nothing.
+    """
+    found: dict[str, str] = {}
+    for key in keys:
+        value = env.get(key)
+        if value is None:
+            continue
+        if value.strip() or empty_is_set:
+            found[key] = value
+    return found

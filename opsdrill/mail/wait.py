@@ -1,0 +1,283 @@
+"""Waiting for a message to become visible over IMAP: IDLE where offered, else polling.
+
+One search interface, two matchers:
+
+- ``TokenMatch``: the direct probe's token, found exactly by the server
+  (``SEARCH HEADER X-Opsdrill-Probe <token>``).
+- ``AppMessageMatch``: a message the application sent on its own, recognised by
+  recipient (To or Delivered-To), a subject regex and a time window; the server narrows
+  by recipient and date, we check the subject and delivery time (INTERNALDATE) locally.
+  An optional UIDNEXT snapshot taken before the trigger (``imap.snapshot_uidnext``)
+  excludes older messages without trusting clocks.
+
+The loop: every round searches each folder; between rounds it either IDLEs on INBOX (the
+server pushes ``EXISTS`` the moment a message lands, so detection is immediate) or
+sleeps ``interval``. IDLE covers one folder per connection, so junk folders are still
+searched once per round and each IDLE lasts at most ``interval``: a message filed into
+Junk is found within one interval, one in INBOX at once. Each round ends with INBOX
+selected, so IDLE starts on a fresh snapshot and nothing delivered in between is missed;
+and every IDLE ends in a full search anyway, so even a notification lost in a client
+buffer costs at most one interval, never the message. Junk folders are searched first in
+a round when IDLE is used, but the search order reported is the configured one.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes, policy
+from typing import Any, Literal
+
+from imap_tools import BaseMailBox
+from imap_tools.errors import MailboxFolderSelectError
+
+from opsdrill.errors import ConfigError
+from opsdrill.mail.errors import MessageNotFound
+from opsdrill.mail.imap import (
+    MONTHS,
+    STAGE,
+    Fetched,
+    ImapMailbox,
+    capabilities,
+    fetch_raw,
+    select,
+    session,
+    uid_fetch,
+    uid_search,
+)
+from opsdrill.mail.message import PROBE_HEADER
+
+Method = Literal["idle", "poll"]
+_ASCII_VALUE = re.compile(r"^[\x20-\x7e]*$")
+
+
+def _quoted(value: str) -> str:
+    if not _ASCII_VALUE.match(value):
+        raise ConfigError(f"IMAP search value {value!r}: only printable ASCII is supported")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class TokenMatch:
+    token: str
+    header: str = PROBE_HEADER
+
+    def criteria(self, folder: str) -> str:
+        return f"HEADER {self.header} {_quoted(self.token)}"
+
+    def accepts(
+        self, candidates: list[int], box: BaseMailBox, folder: str, uidvalidity: int | None
+    ) -> list[int]:
+        return candidates  # the server matched the header exactly
+
+    def describe(self) -> str:
+        return f"token {self.token}"
+
+
+@dataclass(frozen=True)
+class AppMessageMatch:
+    recipient: str
+    subject_pattern: str
+    since: datetime
+    # Clock difference tolerated between us and the IMAP server (INTERNALDATE is theirs).
+    skew_seconds: float = 5.0
+    # folder -> (UIDVALIDITY, UIDNEXT) before the trigger: only newer UIDs count.
+    uid_floor: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # Only the newest candidates are examined, so a busy mailbox cannot slow a round.
+    max_candidates: int = 50
+
+    def __post_init__(self) -> None:
+        if self.since.tzinfo is None:
+            raise ConfigError("AppMessageMatch.since must be timezone-aware")
+        try:
+            re.compile(self.subject_pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"subject pattern {self.subject_pattern!r}: not a valid regular expression: {exc}"
+            ) from None
+
+    def criteria(self, folder: str) -> str:
+        day = (self.since.astimezone(UTC) - timedelta(days=1)).date()  # SINCE is date-only
+        since = f"{day.day}-{MONTHS[day.month - 1]}-{day.year}"
+        rcpt = _quoted(self.recipient)
+        return f"SINCE {since} OR TO {rcpt} HEADER Delivered-To {rcpt}"
+
+    def accepts(
+        self, candidates: list[int], box: BaseMailBox, folder: str, uidvalidity: int | None
+    ) -> list[int]:
+        floor = self.uid_floor.get(folder)
+        if floor is not None and uidvalidity in (None, floor[0]):
+            candidates = [u for u in candidates if u >= floor[1]]
+        candidates = candidates[-self.max_candidates :]
+        earliest = self.since - timedelta(seconds=self.skew_seconds)
+        items = "(UID INTERNALDATE BODY.PEEK[HEADER.FIELDS (SUBJECT)])"
+        return [r.uid for r in uid_fetch(box, candidates, items) if self._fits(r, earliest)]
+
+    def _fits(self, record: Fetched, earliest: datetime) -> bool:
+        if record.internaldate is None or record.internaldate < earliest:
+            return False
+        headers = message_from_bytes(record.literal or b"", policy=policy.default)
+        subject = str(headers.get("Subject", ""))
+        return re.search(self.subject_pattern, subject) is not None
+
+    def describe(self) -> str:
+        return (
+            f"a message to {self.recipient} with subject matching {self.subject_pattern!r} "
+            f"delivered since {self.since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+        )
+
+
+Matcher = TokenMatch | AppMessageMatch
+
+
+@dataclass(frozen=True)
+class FoundMessage:
+    """Where and when the message became visible, and its raw bytes (BODY.PEEK[])."""
+
+    folder: str
+    uid: int
+    uidvalidity: int | None
+    raw: bytes = field(repr=False)
+    internaldate: datetime | None
+    visible_utc: datetime
+    visible_monotonic: float
+    method: Method
+    searched_folders: tuple[str, ...]
+    missing_folders: tuple[str, ...]
+    rounds: int
+    matches: int
+
+    def evidence(self) -> dict[str, Any]:
+        return {
+            "folder": self.folder,
+            "uid": self.uid,
+            "uidvalidity": self.uidvalidity,
+            "internaldate": self.internaldate.isoformat() if self.internaldate else None,
+            "visible_utc": self.visible_utc.isoformat(),
+            "method": self.method,
+            "searched_folders": list(self.searched_folders),
+            "missing_folders": list(self.missing_folders),
+            "rounds": self.rounds,
+            "matches": self.matches,
+            "size": len(self.raw),
+        }
+
+
+def _is_inbox(folder: str) -> bool:
+    return folder.upper() == "INBOX"
+
+
+def _order(folders: Sequence[str], idle: bool) -> list[str]:
+    """With IDLE, INBOX last: the round ends with it selected, ready to IDLE on."""
+    if not idle:
+        return list(folders)
+    return [f for f in folders if not _is_inbox(f)] + [f for f in folders if _is_inbox(f)]
+
+
+def wait_for_message(
+    mailbox: ImapMailbox,
+    match: Matcher,
+    *,
+    folders: Sequence[str] = ("INBOX", "Junk"),
+    timeout: float = 30.0,
+    interval: float = 1.0,
+    use_idle: bool = True,
+) -> FoundMessage:
+    """Search ``folders`` until ``match`` finds a message or ``timeout`` seconds pass.
+
+    Raises ``MessageNotFound`` (what was searched where, for how long, how), and the
+    errors of ``imap.session``. A folder that does not exist is reported, not fatal:
+    Junk may be created only when the first junk arrives.
+    """
+    if not folders:
+        raise ConfigError(f"IMAP {mailbox.label}: no folders to search")
+    if timeout <= 0 or interval <= 0:
+        raise ConfigError("IMAP wait: timeout and interval must be positive")
+    deadline = time.monotonic() + timeout
+    missing: set[str] = set()
+    rounds = 0
+    with session(mailbox) as box:
+        idle = use_idle and "IDLE" in capabilities(box) and any(_is_inbox(f) for f in folders)
+        method: Method = "idle" if idle else "poll"
+        while True:
+            rounds += 1
+            for folder in _order(folders, idle):
+                try:
+                    uidvalidity = select(box, folder, readonly=True)
+                except MailboxFolderSelectError:
+                    missing.add(folder)
+                    continue
+                missing.discard(folder)
+                found = uid_search(box, match.criteria(folder))
+                hits = match.accepts(found, box, folder, uidvalidity)
+                if not hits:
+                    continue
+                record = fetch_raw(box, hits[0])
+                if record is None or record.literal is None:  # expunged meanwhile
+                    continue
+                return FoundMessage(
+                    folder=folder,
+                    uid=record.uid,
+                    uidvalidity=uidvalidity,
+                    raw=record.literal,
+                    internaldate=record.internaldate,
+                    visible_utc=datetime.now(UTC),
+                    visible_monotonic=time.monotonic(),
+                    method=method,
+                    searched_folders=tuple(folders),
+                    missing_folders=tuple(f for f in folders if f in missing),
+                    rounds=rounds,
+                    matches=len(hits),
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            pause = min(interval, remaining)
+            if idle and not any(_is_inbox(f) for f in missing):
+                _idle(box, pause)
+            else:
+                time.sleep(pause)
+    raise _not_found(mailbox, match, folders, missing, timeout, method, interval, rounds)
+
+
+def _idle(box: BaseMailBox, seconds: float) -> None:
+    """IDLE on the selected folder (INBOX) until the server pushes something or
+    ``seconds`` pass; what it pushed does not matter, the next round searches."""
+    box.idle.start()  # type: ignore[no-untyped-call]
+    try:
+        box.idle.poll(timeout=seconds)
+    finally:
+        box.idle.stop()  # type: ignore[no-untyped-call]
+
+
+def _not_found(
+    mailbox: ImapMailbox,
+    match: Matcher,
+    folders: Sequence[str],
+    missing: set[str],
+    timeout: float,
+    method: Method,
+    interval: float,
+    rounds: int,
+) -> MessageNotFound:
+    how = "IDLE" if method == "idle" else f"polling every {interval:g} s"
+    gone = [f for f in folders if f in missing]
+    note = f"; {', '.join(gone)} does not exist" if gone else ""
+    message = (
+        f"{match.describe()} not found in {', '.join(folders)} of {mailbox.label} "
+        f"after {timeout:.1f} s ({how}, {rounds} searches{note})"
+    )
+    details: dict[str, Any] = {
+        "looked_for": match.describe(),
+        "mailbox": mailbox.evidence(),
+        "searched_folders": list(folders),
+        "missing_folders": gone,
+        "timeout_seconds": timeout,
+        "method": method,
+        "interval_seconds": interval,
+        "rounds": rounds,
+    }
+    return MessageNotFound(STAGE, message, details)

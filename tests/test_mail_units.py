@@ -1,0 +1,734 @@
+"""Unit tests of opsdrill.mail: parsing and verification against fakes of the protocol
+boundaries (SMTP, spamd, HTTP, Redis, DNS). The real daemons are exercised by the stack's
+probe checks and their fault matrix."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.policy import SMTP
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from opsdrill.errors import ConfigError, TargetUnreachable
+from opsdrill.mail import (
+    PROBE_HEADER,
+    AppMessageMatch,
+    AuthRejected,
+    FoundMessage,
+    ImapMailbox,
+    ProbeFailed,
+    ProbeResult,
+    SmtpEndpoint,
+    aligned,
+    authentication_results,
+    backlog_from_client,
+    build_probe_message,
+    extract_links,
+    fetch_link,
+    forbidden_keys_set,
+    from_domain,
+    header_values,
+    new_token,
+    over_thresholds,
+    parse_header,
+    parse_response,
+    read_app_env,
+    score_with_spamd,
+    send_probe,
+    trigger_app,
+    verify_dkim,
+)
+from opsdrill.mail.authresults import parse_values
+from opsdrill.mail.imap import uid_fetch
+from opsdrill.mail.spam import parse_rules
+from opsdrill.secrets import redact
+from tests.dns_fake import FakeResolver
+from tests.mail_fakes import (
+    FakeRedis,
+    SmtpBehaviour,
+    fake_app,
+    fake_smtp,
+    fake_spamd,
+    free_port,
+)
+
+TRUSTED = ("mail.example.test",)
+
+# ---------------------------------------------------------------- Authentication-Results
+
+
+def test_ar_spoof_from_untrusted_authserv_id_is_ignored_and_reported() -> None:
+    report = parse_values(
+        [
+            # added last by our receiving server: on top
+            "mail.example.test; spf=fail smtp.mailfrom=crm@example.test;"
+            " dkim=fail (signature verification failed) header.d=example.test;"
+            " dmarc=fail (p=reject dis=none) header.from=example.test",
+            # written by the sender, claiming everything passed
+            "mx.attacker.test; spf=pass smtp.mailfrom=crm@example.test;"
+            " dkim=pass header.d=example.test; dmarc=pass header.from=example.test",
+        ],
+        TRUSTED,
+    )
+    assert report.by_method() == {"spf": ["fail"], "dkim": ["fail"], "dmarc": ["fail"]}
+    assert [h.authserv_id for h in report.ignored] == ["mx.attacker.test"]
+    assert [r.method for r in report.not_passing()] == ["spf", "dkim", "dmarc"]
+    evidence = report.evidence()
+    (ignored,) = evidence["ignored"]
+    assert ignored["why_ignored"] == (
+        "authserv-id 'mx.attacker.test' is not trusted (trusted: mail.example.test)"
+    )
+    assert ignored["results"][1] == {
+        "method": "dkim",
+        "result": "pass",
+        "properties": {"header.d": "example.test"},
+    }
+    assert evidence["trusted"][0]["index"] == 0 and ignored["index"] == 1
+
+
+def test_ar_untrusted_only_means_nothing_counts() -> None:
+    report = parse_values(["evil.test; dkim=pass header.d=example.test"], TRUSTED)
+    assert report.trusted == () and report.by_method() == {} and report.not_passing() == []
+    assert report.ignored[0].results[0].result == "pass"
+
+
+def test_ar_multiple_methods_properties_and_comments() -> None:
+    header = parse_header(
+        "mail.example.test;\r\n\tspf=pass (mail.example.test: domain of crm@example.test"
+        " designates 127.0.0.1 as permitted sender) smtp.mailfrom=crm@example.test;\r\n"
+        "\tdkim=pass (2048-bit key; unprotected) header.d=example.test"
+        " header.i=@example.test header.a=rsa-sha256 header.s=sel1 header.b=Abc12345;\r\n"
+        "\tdmarc=pass (p=reject dis=none) header.from=example.test;"
+        " iprev=pass policy.iprev=127.0.0.1 (localhost)"
+    )
+    assert header.errors == ()
+    spf, dkim_r, dmarc, iprev = header.results
+    assert (spf.method, spf.result, spf.prop("smtp.mailfrom")) == (
+        "spf",
+        "pass",
+        "crm@example.test",
+    )
+    assert spf.comments[0].startswith("mail.example.test: domain of crm@example.test")
+    assert dkim_r.comments == ("2048-bit key; unprotected",)
+    assert dkim_r.properties == {
+        "header.d": "example.test",
+        "header.i": "@example.test",
+        "header.a": "rsa-sha256",
+        "header.s": "sel1",
+        "header.b": "Abc12345",
+    }
+    assert dmarc.comments == ("p=reject dis=none",)
+    assert dmarc.prop("Header.From") == "example.test"
+    assert iprev.prop("policy.iprev") == "127.0.0.1" and iprev.comments == ("localhost",)
+
+
+def test_ar_none_and_header_without_results() -> None:
+    none = parse_header("mx.example.test; none")
+    assert none.results == () and none.errors == ()
+    with_comment = parse_header("mx.example.test (our server) 1; none (nothing checked)")
+    assert with_comment.version == "1" and with_comment.errors == ()
+    bare = parse_header("mx.example.test")
+    assert bare.authserv_id == "mx.example.test"
+    assert bare.results == () and bare.errors == ("no results (not even 'none')",)
+    trailing = parse_header("mx.example.test;")
+    assert trailing.results == () and trailing.errors == ("no results (not even 'none')",)
+
+
+def test_ar_lenient_where_real_servers_deviate() -> None:
+    # trailing ';' (OpenDKIM, rspamd), version number, quoted reason with ';'
+    header = parse_header(
+        'mx.google.com 1; dkim=fail reason="bad; signature" header.d=x.test header.s=s1;'
+    )
+    assert header.errors == () and header.version == "1"
+    assert header.results[0].reason == "bad; signature"
+    assert header.results[0].properties == {"header.d": "x.test", "header.s": "s1"}
+    # Microsoft: ptype-less action=none, unknown method compauth with a reason
+    ms = parse_header(
+        "spf.protection.outlook.com; spf=pass (sender IP is 192.0.2.1)"
+        " smtp.mailfrom=example.com; dkim=pass (signature was verified)"
+        " header.d=example.com;dmarc=pass action=none header.from=example.com;"
+        "compauth=pass reason=100"
+    )
+    assert [(r.method, r.result) for r in ms.results] == [
+        ("spf", "pass"),
+        ("dkim", "pass"),
+        ("dmarc", "pass"),
+        ("compauth", "pass"),
+    ]
+    assert ms.results[2].properties == {"action": "none", "header.from": "example.com"}
+    assert ms.results[3].reason == "100"
+    # a quoted local-part and a method version
+    quoted = parse_header('mx.test; spf/1=pass smtp.mailfrom="a b"@example.test')
+    assert quoted.results[0].version == "1"
+    assert quoted.results[0].prop("smtp.mailfrom") == "a b@example.test"
+
+
+def test_ar_garbage_is_reported_and_parsing_resynchronises() -> None:
+    header = parse_header(
+        "mx.example.test; spf=pass smtp.mailfrom=a.test; ??? what; dkim=pass header.d=b.test"
+    )
+    assert [(r.method, r.result) for r in header.results] == [("spf", "pass"), ("dkim", "pass")]
+    assert len(header.errors) == 1 and "expected a method" in header.errors[0]
+    broken_prop = parse_header("mx.example.test; dkim=pass header.d=b.test !!junk")
+    assert broken_prop.results[0].prop("header.d") == "b.test"
+    assert "could not parse '!!junk'" in broken_prop.errors[0]
+
+
+def test_ar_from_raw_message_trust_is_case_insensitive_and_merges_headers() -> None:
+    raw = (
+        b"Authentication-Results: MAIL.Example.TEST; dmarc=pass header.from=example.test\r\n"
+        b"Authentication-Results: mail.example.test;\r\n"
+        b"  dkim=pass header.d=example.test header.s=sel1;\r\n"
+        b"  dkim=fail header.d=other.test\r\n"
+        b"ARC-Authentication-Results: i=1; mail.example.test; spf=fail\r\n"
+        b"Authentication-Results: relay.elsewhere.test; spf=softfail\r\n"
+        b"From: crm@example.test\r\nSubject: x\r\n\r\nbody\r\n"
+    )
+    report = authentication_results(raw, ["mail.example.test"])
+    assert report.by_method() == {"dmarc": ["pass"], "dkim": ["pass", "fail"]}
+    assert [r.prop("header.d") for r in report.results("DKIM")] == ["example.test", "other.test"]
+    assert [h.index for h in report.trusted] == [0, 1]
+    assert [h.authserv_id for h in report.ignored] == ["relay.elsewhere.test"]
+    assert "spf" not in report.by_method()  # the ARC header is another field
+    json.dumps(report.evidence())
+
+
+# ---------------------------------------------------------------- messages and links
+
+
+def test_probe_message_carries_token_in_header_and_subject() -> None:
+    now = datetime(2026, 11, 28, 15, 0, 0, tzinfo=UTC)
+    token = new_token(now)
+    assert re.fullmatch(r"20261128T150000Z-[0-9a-f]{12}", token)
+    assert new_token(now) != token
+    msg = build_probe_message("CRM <crm@Example.TEST>", "probe@mailbox.test", token, now=now)
+    assert msg.subject == f"opsdrill probe {token}"
+    assert msg.message_id.endswith("@example.test>") and token in msg.message_id
+    assert b"\r\n" in msg.raw and b"\n" not in msg.raw.replace(b"\r\n", b"")
+    headers = header_values(msg.raw)
+    assert headers[PROBE_HEADER] == [token]
+    assert headers["Subject"] == [f"opsdrill probe {token}"]
+    assert headers["Date"] == ["Sat, 28 Nov 2026 15:00:00 +0000"]
+    assert headers["From"] == ["CRM <crm@Example.TEST>"]
+    assert from_domain(msg.raw) == "example.test"
+    assert token in msg.raw.decode() and msg.evidence()["token"] == token
+    with pytest.raises(ConfigError):
+        build_probe_message("not-an-address", "probe@mailbox.test", token)
+
+
+def test_from_domain_needs_exactly_one_address() -> None:
+    assert from_domain(b"From: a@x.test, b@y.test\r\n\r\n") is None
+    assert from_domain(b"Subject: none\r\n\r\n") is None
+
+
+def _multipart(plain: str, html: str, plain_cte: str, html_cte: str) -> bytes:
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = "crm@example.test"
+    msg["Subject"] = "Activate your account"
+    msg.set_content(plain, cte=plain_cte)
+    msg.add_alternative(html, subtype="html", cte=html_cte)
+    return msg.as_bytes()
+
+
+ACTIVATE = "https://crm.example.test/portal/activate?token=abc123&next=%2Fhome"
+
+
+def test_extract_links_plain_and_html() -> None:
+    raw = _multipart(
+        f"Welcome! Activate here: {ACTIVATE}.\nHelp: https://help.example.test/faq\n",
+        f'<p>Click <a href="{ACTIVATE.replace("&", "&amp;")}">activate</a> '
+        f"or paste {ACTIVATE.replace('&', '&amp;')}</p>"
+        '<img src="https://cdn.example.test/logo.png">',
+        "7bit",
+        "7bit",
+    )
+    assert extract_links(raw, r"/portal/activate\?token=") == [ACTIVATE]
+    assert extract_links(raw) == [
+        ACTIVATE,
+        "https://help.example.test/faq",
+        "https://cdn.example.test/logo.png",
+    ]
+    assert extract_links(raw, re.compile(r"nothing-like-this")) == []
+
+
+@pytest.mark.parametrize("cte", ["quoted-printable", "base64"])
+def test_extract_links_decodes_transfer_encodings(cte: str) -> None:
+    long_link = ACTIVATE + "&padding=" + "x" * 90  # forces a quoted-printable soft break
+    raw = _multipart(
+        f"Activate: {long_link}\n", f'<a href="{long_link.replace("&", "&amp;")}">go</a>', cte, cte
+    )
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    assert long_link.encode() not in body  # really encoded on the wire
+    assert extract_links(raw, "/portal/activate") == [long_link]
+
+
+def test_extract_links_single_part_qp_and_bad_pattern() -> None:
+    raw = (
+        b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"Open https://crm.example.test/portal/activate?token=3Dabc=\r\ndef&x=3D1 now.\r\n"
+    )
+    assert extract_links(raw, "activate") == [
+        "https://crm.example.test/portal/activate?token=abcdef&x=1"
+    ]
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        extract_links(raw, "(")
+
+
+# ---------------------------------------------------------------- DKIM
+
+
+def _keypair() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, base64.b64encode(public).decode()
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, tuple[bytes, str]]:
+    return {"sel1": _keypair(), "sel2": _keypair(), "other": _keypair()}
+
+
+def _txt(p: str) -> list[str]:
+    record = f"v=DKIM1; k=rsa; p={p}"
+    return [record[i : i + 255] for i in range(0, len(record), 255)]  # 255-byte strings
+
+
+def _zone(keys: dict[str, tuple[bytes, str]], **override: str) -> dict[str, Any]:
+    zone: dict[str, Any] = {}
+    for sel in ("sel1", "sel2"):
+        zone[f"{sel}._domainkey.example.test"] = [{"TXT": _txt(override.get(sel, keys[sel][1]))}]
+    return zone
+
+
+def _signed(
+    keys: dict[str, tuple[bytes, str]],
+    sender: str = "crm@example.test",
+    domain: str = "example.test",
+    selectors: tuple[str, ...] = ("sel1",),
+) -> bytes:
+    raw = build_probe_message(sender, "probe@mailbox.test", new_token()).raw
+    for sel in selectors:
+        sig = dkim.sign(
+            raw,
+            sel.encode(),
+            domain.encode(),
+            keys[sel][0],
+            include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+        )
+        raw = sig + raw
+    return bytes(raw)
+
+
+def test_dkim_verifies_with_keys_from_the_resolver(keys: dict[str, tuple[bytes, str]]) -> None:
+    resolver = FakeResolver(_zone(keys))
+    report = verify_dkim(_signed(keys), resolver)
+    (sig,) = report.signatures
+    assert sig.passed and sig.error is None
+    assert (sig.domain, sig.selector, sig.key_bits) == ("example.test", "sel1", 2048)
+    assert sig.key_name == "sel1._domainkey.example.test"
+    assert sig.aligned is True and report.aligned_pass
+    assert "from" in sig.signed_headers
+    assert resolver.asked == [("sel1._domainkey.example.test", "TXT")]
+    assert report.keys["sel1._domainkey.example.test"].startswith("v=DKIM1; k=rsa; p=")
+    json.dumps(report.evidence())
+
+
+def test_dkim_tampered_body_fails(keys: dict[str, tuple[bytes, str]]) -> None:
+    raw = _signed(keys).replace(b"automated delivery probe", b"automated DELIVERY probe")
+    (sig,) = verify_dkim(raw, FakeResolver(_zone(keys))).signatures
+    assert sig.result == "fail" and "body hash mismatch" in (sig.error or "")
+
+
+def test_dkim_replaced_or_missing_key_fails(keys: dict[str, tuple[bytes, str]]) -> None:
+    raw = _signed(keys)
+    (sig,) = verify_dkim(raw, FakeResolver(_zone(keys, sel1=keys["other"][1]))).signatures
+    assert sig.result == "fail" and sig.error == "signature did not verify"
+    (sig,) = verify_dkim(raw, FakeResolver({})).signatures
+    assert sig.result == "fail" and "missing public key" in (sig.error or "")
+    (sig,) = verify_dkim(raw, FakeResolver(_zone(keys, sel1=""))).signatures  # revoked
+    assert sig.result == "fail" and sig.error
+
+
+def test_dkim_dns_outage_is_unreachable_not_a_failure(keys: dict[str, tuple[bytes, str]]) -> None:
+    resolver = FakeResolver({"sel1._domainkey.example.test": ["TIMEOUT"]})
+    with pytest.raises(TargetUnreachable, match="timed out"):
+        verify_dkim(_signed(keys), resolver)
+
+
+def test_dkim_alignment_relaxed_and_strict(keys: dict[str, tuple[bytes, str]]) -> None:
+    resolver = FakeResolver(_zone(keys))
+    other = verify_dkim(_signed(keys, sender="crm@other.test"), resolver)
+    assert other.signatures[0].passed and other.signatures[0].aligned is False
+    assert other.from_domain == "other.test" and not other.aligned_pass
+    sub = _signed(keys, sender="crm@news.example.test")
+    assert verify_dkim(sub, resolver).signatures[0].aligned is True
+    strict = verify_dkim(sub, resolver, strict=True)
+    assert strict.alignment == "strict" and strict.signatures[0].aligned is False
+    assert aligned("Example.TEST.", "example.test", strict=True)
+
+
+def test_dkim_reports_each_signature(keys: dict[str, tuple[bytes, str]]) -> None:
+    raw = _signed(keys, selectors=("sel1", "sel2"))  # sel2 on top
+    zone = _zone(keys, sel1=keys["other"][1])
+    report = verify_dkim(raw, FakeResolver(zone))
+    assert [(s.index, s.selector, s.result) for s in report.signatures] == [
+        (0, "sel2", "pass"),
+        (1, "sel1", "fail"),
+    ]
+    assert report.aligned_pass
+    unsigned = verify_dkim(build_probe_message("a@x.test", "b@y.test", "t").raw, FakeResolver({}))
+    assert unsigned.signatures == () and not unsigned.aligned_pass
+
+
+# ---------------------------------------------------------------- spamd
+
+# Captured from spamd 4.0.1 (Debian 12) answering REPORT for a GTUBE message.
+GTUBE_ANSWER = (
+    b"SPAMD/1.1 0 EX_OK\r\nContent-length: 1159\r\nSpam: True ; 1009.3 / 5.0\r\n\r\n"
+    b'Spam detection software, running on the system "vm",\n'
+    b"has identified this incoming email as possible spam.  The original\n"
+    b"message has been attached to this so you can view it or label\n"
+    b"similar future email.  If you have any questions, see\n"
+    b"@@CONTACT_ADDRESS@@ for details.\n\n"
+    b"Content preview:  XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n"
+    b"   \n\n"
+    b"Content analysis details:   (1009.3 points, 5.0 required)\n\n"
+    b" pts rule name              description\n"
+    b"---- ---------------------- --------------------------------------------------\n"
+    b"-0.0 NO_RECEIVED            Informational: message has no Received headers\n"
+    b" 0.6 MISSING_MID            Missing Message-Id: header\n"
+    b" 2.7 MISSING_DATE           Missing Date: header\n"
+    b"-0.0 NO_RELAYS              Informational: message was not relayed via SMTP\n"
+    b" 0.9 MISSING_HEADERS        Missing To: header\n"
+    b" 0.5 SUBJ_ALL_CAPS          Subject is all capitals\n"
+    b"1000 GTUBE                  BODY: Generic Test for Unsolicited Bulk Email\n"
+    b" 2.8 DRUG_ED_CAPS           BODY: Mentions an E.D. drug\n"
+    b" 1.8 DRUGS_ERECTILE         Refers to an erectile drug\n"
+    b" 0.0 NO_HEADERS_MESSAGE     Message appears to be missing most RFC-822 headers\n\n"
+)
+
+
+def test_spamd_report_is_parsed() -> None:
+    verdict = parse_response(GTUBE_ANSWER)
+    assert (verdict.score, verdict.threshold, verdict.is_spam) == (1009.3, 5.0, True)
+    assert len(verdict.rules) == 10
+    gtube = next(r for r in verdict.rules if r.name == "GTUBE")
+    assert gtube.score == 1000.0
+    assert gtube.description == "BODY: Generic Test for Unsolicited Bulk Email"
+    assert verdict.rules[0].score == -0.0 and verdict.rules[0].name == "NO_RECEIVED"
+    assert verdict.evidence()["rules"][1] == {
+        "rule": "MISSING_MID",
+        "score": 0.6,
+        "description": "Missing Message-Id: header",
+    }
+
+
+def test_spamd_wrapped_descriptions_and_errors() -> None:
+    report = (
+        "Content analysis details:   (0.1 points, 5.0 required)\n\n"
+        " pts rule name              description\n"
+        "---- ---------------------- --------------------------------------------------\n"
+        " 0.1 DKIM_SIGNED            Message has a DKIM or DK signature, not necessarily\n"
+        "                            valid\n"
+        "-0.1 DKIM_VALID_AU          Message has a valid DKIM or DK signature from\n"
+        "                            author's domain\n"
+    )
+    rules = parse_rules(report)
+    assert [(r.name, r.description) for r in rules] == [
+        ("DKIM_SIGNED", "Message has a DKIM or DK signature, not necessarily valid"),
+        ("DKIM_VALID_AU", "Message has a valid DKIM or DK signature from author's domain"),
+    ]
+    with pytest.raises(ProbeFailed, match="answered 76 Bad header line"):
+        parse_response(b"SPAMD/1.0 76 Bad header line: (Content-length mismatch)\r\n\r\n")
+    with pytest.raises(ProbeFailed, match="not a SPAMD response"):
+        parse_response(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+def test_spamd_client_speaks_spamc_1_5() -> None:
+    requests: list[bytes] = []
+    raw = build_probe_message("crm@example.test", "probe@mailbox.test", "tok").raw
+    with fake_spamd(GTUBE_ANSWER, requests) as port:
+        verdict = score_with_spamd(raw, "127.0.0.1", port, timeout=5)
+    assert verdict.score == 1009.3
+    (request,) = requests
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [b"REPORT SPAMC/1.5", f"Content-length: {len(raw)}".encode()]
+    assert body == raw
+
+
+def test_spamd_unreachable_or_hung_is_bounded() -> None:
+    port = free_port()
+    with pytest.raises(TargetUnreachable, match=rf"spamd 127.0.0.1:{port}: connection refused"):
+        score_with_spamd(b"x", "127.0.0.1", port, timeout=2)
+    with fake_spamd(None, []) as hung:
+        started = time.monotonic()
+        with pytest.raises(TargetUnreachable, match=r"timed out after 0\.5 s"):
+            score_with_spamd(b"Subject: x\r\n\r\nx\r\n", "127.0.0.1", hung, timeout=0.5)
+        assert time.monotonic() - started < 3
+
+
+# ---------------------------------------------------------------- SMTP (fake server)
+
+USER, PASSWORD = "crm@example.test", "smtp-Secret-4711"
+
+
+def test_smtp_submit_returns_acceptance_and_queue_id() -> None:
+    behaviour = SmtpBehaviour(users={USER: PASSWORD})
+    with fake_smtp(behaviour) as port:
+        endpoint = SmtpEndpoint("127.0.0.1", port, "none", USER, PASSWORD, timeout=5)
+        before = time.monotonic()
+        receipt = send_probe(endpoint, "crm@example.test", "probe@mailbox.test")
+    assert receipt.queue_id == "4ABC12DEF" and receipt.reply.startswith("250 2.0.0 Ok")
+    assert before <= receipt.accepted_monotonic <= time.monotonic()
+    assert receipt.accepted_utc.tzinfo is UTC and receipt.tls_version is None
+    ((sender, rcpts, data),) = behaviour.received
+    assert (sender, rcpts) == ("crm@example.test", ["probe@mailbox.test"])
+    assert f"{PROBE_HEADER}: {receipt.token}".encode() in data
+    assert PASSWORD not in repr(endpoint) and PASSWORD not in json.dumps(endpoint.evidence())
+
+
+def test_smtp_auth_rejection_is_a_failure_naming_server_and_user() -> None:
+    with fake_smtp(SmtpBehaviour(users={USER: "other-password"})) as port:
+        endpoint = SmtpEndpoint("127.0.0.1", port, "none", USER, PASSWORD, timeout=5)
+        with pytest.raises(AuthRejected) as caught:
+            send_probe(endpoint, USER, "probe@mailbox.test")
+    message = caught.value.message
+    assert message.startswith(
+        f"send: SMTP 127.0.0.1:{port} rejected AUTH for user crm@example.test: 535 5.7.8"
+    )
+    assert PASSWORD not in message and not isinstance(caught.value, TargetUnreachable)
+
+
+def test_smtp_refusals_and_missing_starttls() -> None:
+    with fake_smtp(SmtpBehaviour(refuse_rcpt=("nobody@mailbox.test",))) as port:
+        endpoint = SmtpEndpoint("127.0.0.1", port, "none", timeout=5)
+        with pytest.raises(
+            ProbeFailed, match=r"refused RCPT TO:<nobody@mailbox.test>: 550 5\.1\.1"
+        ):
+            send_probe(endpoint, USER, "nobody@mailbox.test")
+        starttls = SmtpEndpoint("127.0.0.1", port, "starttls", USER, PASSWORD, timeout=5)
+        with pytest.raises(ProbeFailed, match="does not offer STARTTLS"):
+            send_probe(starttls, USER, "probe@mailbox.test")
+
+
+def test_smtp_unreachable_is_bounded_and_secret_free() -> None:
+    port = free_port()
+    endpoint = SmtpEndpoint("127.0.0.1", port, "starttls", USER, PASSWORD, timeout=2)
+    with pytest.raises(TargetUnreachable) as caught:
+        send_probe(endpoint, USER, "probe@mailbox.test")
+    assert caught.value.message == (
+        f"SMTP 127.0.0.1:{port}: connection refused (while connecting, tls=starttls)"
+    )
+    with fake_smtp(SmtpBehaviour(greet=False)) as silent:
+        started = time.monotonic()
+        with pytest.raises(TargetUnreachable, match=r"timed out after 0\.5 s"):
+            send_probe(SmtpEndpoint("127.0.0.1", silent, "none", timeout=0.5), USER, USER)
+        assert time.monotonic() - started < 3
+    with pytest.raises(ConfigError, match=r"only for 127\.0\.0\.1"):
+        send_probe(SmtpEndpoint("smtp.example.test", 25, "none"), USER, USER)
+
+
+# ---------------------------------------------------------------- application trigger
+
+BEARER = "app-Bearer-9c1f2e"
+
+
+def test_trigger_app_success_keeps_token_out_of_evidence() -> None:
+    with fake_app(BEARER) as (port, calls):
+        response = trigger_app(
+            f"http://127.0.0.1:{port}/invite", "POST", {"email": "c@x.test"}, BEARER, timeout=5
+        )
+    assert response.status == 202 and response.excerpt == '{"queued": true}'
+    assert json.loads(calls[0]["body"]) == {"email": "c@x.test"}
+    assert BEARER not in json.dumps(response.evidence())
+    assert redact(f"token {BEARER}") == "token ***"
+
+
+def test_trigger_app_non_2xx_is_a_failure_with_status() -> None:
+    with fake_app(BEARER) as (port, _):
+        with pytest.raises(ProbeFailed) as caught:
+            trigger_app(f"http://127.0.0.1:{port}/fail", json_body={}, bearer_token=BEARER)
+        with pytest.raises(ProbeFailed, match="answered 401"):
+            trigger_app(f"http://127.0.0.1:{port}/invite", json_body={}, bearer_token="wrong-one")
+    message = caught.value.message
+    assert f"POST http://127.0.0.1:{port}/fail answered 500 (expected 2xx)" in message
+    assert BEARER not in message and "Bearer ***" in message  # the echo is masked
+
+
+def test_fetch_link_follows_redirects_and_unreachable() -> None:
+    with fake_app(BEARER) as (port, _):
+        fetched = fetch_link(f"http://127.0.0.1:{port}/activate?token=abc", timeout=5)
+        gone = fetch_link(f"http://127.0.0.1:{port}/gone", timeout=5)
+    assert (fetched.status, fetched.redirects, fetched.ok) == (200, 1, True)
+    assert fetched.final_url == f"http://127.0.0.1:{port}/welcome"
+    assert (gone.status, gone.ok, gone.redirects) == (404, False, 0)
+    assert gone.final_url == f"http://127.0.0.1:{port}/gone"
+    with pytest.raises(TargetUnreachable, match=r"link http://127\.0\.0\.1"):
+        fetch_link(f"http://127.0.0.1:{free_port()}/x", timeout=2)
+    with pytest.raises(ConfigError):
+        trigger_app("ftp://example.test/x")
+
+
+# ---------------------------------------------------------------- BullMQ backlog
+
+
+def _job(redis: FakeRedis, job_id: str, created_ms: int) -> None:
+    redis.hset(f"bull:email:{job_id}", name="send", data="{}", timestamp=created_ms, priority=0)
+
+
+def test_bullmq_backlog_counts_and_ages_the_oldest_waiting_job() -> None:
+    now = 1_800_000_000_000
+    redis = FakeRedis()
+    redis.hset("bull:email:meta", **{"opts.maxLenEvents": 10000})
+    for job_id, age_s in (("1", 600), ("2", 60), ("3", 5)):  # addStandardJob: LPUSH
+        _job(redis, job_id, now - age_s * 1000)
+        redis.lpush("bull:email:wait", job_id)
+    redis.rpush("bull:email:wait", "0:1")  # a v4/v5 marker at the tail: not a job
+    backlog = backlog_from_client(redis, "email", now_ms=now)
+    assert (backlog.waiting, backlog.prioritized, backlog.total_waiting) == (3, 0, 3)
+    assert (backlog.oldest_job_id, backlog.oldest_age_seconds) == ("1", 600.0)
+    assert backlog.queue_known and not backlog.queue_paused
+    assert over_thresholds(backlog, max_waiting=10, max_age_seconds=900) == []
+    problems = over_thresholds(backlog, max_waiting=2, max_age_seconds=300)
+    assert problems == [
+        "queue bull:email: 3 jobs waiting (threshold 2): is the worker running?",
+        "queue bull:email: oldest waiting job 1 is 600 s old (threshold 300 s)",
+    ]
+
+
+def test_bullmq_backlog_prioritized_paused_and_unknown_queue() -> None:
+    now = 1_800_000_000_000
+    redis = FakeRedis()
+    _job(redis, "7", now - 5_000)
+    redis.lpush("bull:email:wait", "7")
+    _job(redis, "8", now - 3_600_000)
+    redis.zadd("bull:email:prioritized", "8", 5 * 2**32 + 1)
+    redis.hset("bull:email:meta", paused=1)
+    backlog = backlog_from_client(redis, "email", now_ms=now)
+    assert (backlog.total_waiting, backlog.oldest_job_id) == (2, "8")
+    assert backlog.oldest_age_seconds == 3600.0 and backlog.queue_paused
+    empty = backlog_from_client(redis, "emails", now_ms=now)
+    assert (empty.total_waiting, empty.oldest_age_seconds, empty.queue_known) == (0, None, False)
+    assert over_thresholds(empty, 10, 60) == [
+        "queue bull:emails: no keys found (wrong queue name or prefix?)"
+    ]
+
+
+# ---------------------------------------------------------------- application env
+
+
+def test_read_app_env_registers_secrets_but_not_public_keys(tmp_path: Path) -> None:
+    env_file = tmp_path / "app.env"
+    env_file.write_text(
+        "ENCRYPTION_KEY=enc-Key-5d8e1\nEMAIL_REDIRECT_TO=ops@portnimara.test\nEMPTY=\n"
+    )
+    env = read_app_env(env_file=env_file, public=["EMAIL_REDIRECT_TO"])
+    assert env["EMAIL_REDIRECT_TO"] == "ops@portnimara.test"
+    assert redact("key enc-Key-5d8e1") == "key ***"
+    assert redact("to ops@portnimara.test") == "to ops@portnimara.test"
+    assert forbidden_keys_set(env, ["EMAIL_REDIRECT_TO", "MISSING", "EMPTY"]) == {
+        "EMAIL_REDIRECT_TO": "ops@portnimara.test"
+    }
+    assert forbidden_keys_set(env, ["EMPTY"], empty_is_set=True) == {"EMPTY": ""}
+
+
+def test_read_app_env_from_a_command_and_errors(tmp_path: Path) -> None:
+    env = read_app_env(command=["printf", "A=1\\nEMAIL_REDIRECT_TO=\\n"], public=["A"])
+    assert forbidden_keys_set(env, ["EMAIL_REDIRECT_TO"]) == {}
+    with pytest.raises(TargetUnreachable, match="exit code 1"):
+        read_app_env(command=["false"])
+    with pytest.raises(TargetUnreachable, match=r"did not finish within 0\.5s"):
+        read_app_env(command=["sleep", "5"], timeout=0.5)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_app_env(env_file=tmp_path / "missing.env")
+    with pytest.raises(ConfigError, match="exactly one"):
+        read_app_env()
+
+
+# ---------------------------------------------------------------- IMAP parsing, matchers
+
+
+def test_uid_fetch_parses_literals_and_trailing_items() -> None:
+    data = [
+        (b'1 (UID 5 INTERNALDATE " 1-Dec-2026 15:00:01 +0100" BODY[] {11}', b"Subject: a\r\n"),
+        b")",
+        (b'2 (INTERNALDATE "28-Nov-2026 23:59:59 -0500" BODY[] {11}', b"Subject: b\r\n"),
+        b" UID 9)",
+        b'3 (UID 12 INTERNALDATE "28-Nov-2026 10:00:00 +0000")',
+    ]
+    box = SimpleNamespace(client=SimpleNamespace(uid=lambda *args: ("OK", data)))
+    records = uid_fetch(box, [5, 9, 12], "(UID INTERNALDATE BODY.PEEK[])")  # type: ignore[arg-type]
+    assert [(r.uid, r.literal) for r in records] == [
+        (5, b"Subject: a\r\n"),
+        (9, b"Subject: b\r\n"),
+        (12, None),
+    ]
+    assert records[0].internaldate == datetime(2026, 12, 1, 14, 0, 1, tzinfo=UTC)
+    assert records[1].internaldate == datetime(2026, 11, 29, 4, 59, 59, tzinfo=UTC)
+
+
+def test_app_message_match_criteria_and_validation() -> None:
+    since = datetime(2026, 11, 28, 0, 30, tzinfo=UTC)
+    match = AppMessageMatch("client@mailbox.test", r"^Activate", since)
+    assert match.criteria("INBOX") == (
+        'SINCE 27-Nov-2026 OR TO "client@mailbox.test" HEADER Delivered-To "client@mailbox.test"'
+    )
+    with pytest.raises(ConfigError, match="timezone-aware"):
+        AppMessageMatch("a@b.test", "x", datetime(2026, 1, 1))
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        AppMessageMatch("a@b.test", "(", since)
+
+
+def test_probe_result_evidence_has_latency_and_no_password() -> None:
+    raw = build_probe_message("crm@example.test", "probe@mailbox.test", "tok-1").raw
+    mailbox = ImapMailbox("127.0.0.1", 993, "tls", "probe@mailbox.test", "imap-Secret-31337")
+    now = datetime.now(UTC)
+    found = FoundMessage(
+        folder="Junk",
+        uid=42,
+        uidvalidity=7,
+        raw=raw,
+        internaldate=now,
+        visible_utc=now + timedelta(seconds=1),
+        visible_monotonic=101.25,
+        method="idle",
+        searched_folders=("INBOX", "Junk"),
+        missing_folders=(),
+        rounds=2,
+        matches=1,
+    )
+    result = ProbeResult(
+        kind="direct",
+        mailbox=mailbox,
+        found=found,
+        accepted_utc=now,
+        accepted_monotonic=100.0,
+        token="tok-1",
+    )
+    assert result.latency_seconds == 1.25 and not result.in_inbox
+    assert result.eml_name == "probe-tok-1.eml"
+    evidence = json.dumps(result.evidence())
+    assert "imap-Secret-31337" not in evidence and "imap-Secret-31337" not in repr(mailbox)
+    assert '"folder": "Junk"' in evidence and '"method": "idle"' in evidence
+    result.errors["dkim"] = TargetUnreachable("DNS sel1._domainkey.example.test TXT: timed out")
+    with pytest.raises(TargetUnreachable):
+        result.raise_for_errors()
