@@ -37,6 +37,34 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_backup.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_mirror.py $(MIRROR_BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_dns.py $(DNS_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) reports/allure-results .pytest_cache
+
+# The Allure 3 report (pinned in package-lock.json, installed into node_modules/ once, then
+# offline): `make report` writes the normal report and a single-file one and appends the run
+# to the history file that the next report reads; `make report-serve` serves it on 127.0.0.1.
+ALLURE_REPORT ?= reports/allure-report
+ALLURE_REPORT_SINGLE ?= reports/allure-report-single
+ALLURE_HISTORY ?= reports/history.jsonl
+REPORT_PORT ?= 8000
+NPM_STAMP := node_modules/.opsdrill-installed
+REPORT_ENV = ALLURE_RESULTS=$(ALLURE_RESULTS) ALLURE_REPORT=$(ALLURE_REPORT) \
+	ALLURE_REPORT_SINGLE=$(ALLURE_REPORT_SINGLE) ALLURE_HISTORY=$(ALLURE_HISTORY) \
+	REPORT_PORT=$(REPORT_PORT) PYTHON=$(PYTHON)
+
+.PHONY: report report-deps report-serve
+
+report-deps: system $(NPM_STAMP)
+
+$(NPM_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing (make system installs it)" >&2; exit 2; }
+	@npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NPM_STAMP)
+
+report: report-deps
+	@$(REPORT_ENV) scripts/report.sh generate
+
+report-serve: report-deps
+	@$(REPORT_ENV) scripts/report.sh serve

@@ -3,6 +3,16 @@
 set -euo pipefail
 # knot: the local stack's authoritative DNS server (knotd, knotc); knot-dnsutils: kdig.
 packages=(postgresql postgresql-contrib zstd gzip pigz gnupg util-linux procps knot knot-dnsutils)
+# chromium: renders the Allure report in tests/test_report.py (headless). CI jobs that only
+# verify and report set OPSDRILL_SKIP_BROWSER=1 (ci-templates/): they never open the report.
+if [ "${OPSDRILL_SKIP_BROWSER:-}" != 1 ]; then
+  packages+=(chromium)
+fi
+# npm (and Debian's nodejs with it) installs Allure 3 for `make report`. A Node.js from
+# elsewhere (nodesource, nvm) ships its own npm: then Debian's would conflict, so skip it.
+if ! command -v npm >/dev/null 2>&1; then
+  packages+=(npm)
+fi
 # Debian's own python3 needs python3-venv for `python3 -m venv`; a pyenv/other Python has it.
 if ! "${PYTHON:-python3}" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   packages+=(python3-venv python3-pip)
