@@ -38,6 +38,14 @@ from opsdrill.inventory_mail import (
     expected_selectors,
     mail_cross_checks,
 )
+from opsdrill.inventory_probe import (
+    AppEnvironment,
+    EnvSource,
+    Probe,
+    ProbeName,
+    QueueBacklog,
+    probe_env_refs,
+)
 from opsdrill.secrets import SecretMissing, resolve_env
 
 
@@ -126,23 +134,15 @@ class Mirror(_Model):
     canary_prefix: str = ".opsdrill-canary/"
 
 
-class SecretsBundle(_Model):
-    """The application's environment (.env with ENCRYPTION_KEY), backed up encrypted."""
+class SecretsBundle(EnvSource):
+    """The application's environment (.env with ENCRYPTION_KEY), backed up encrypted.
+    Its source (env_file or command) is read like an [app_environment] one."""
 
-    env_file: str | None = None
-    command: list[str] | None = Field(default=None, min_length=1)
-    command_timeout_seconds: float = Field(default=30, gt=0)
     store: str
     prefix: str = "secrets"
     required_keys: list[str] = Field(default_factory=list)
     fingerprint_keys: list[str] = Field(default_factory=lambda: ["ENCRYPTION_KEY"])
     rpo_minutes: float = Field(default=1440, gt=0)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SecretsBundle:
-        if (self.env_file is None) == (self.command is None):
-            raise ValueError("set exactly one of env_file or command")
-        return self
 
 
 class InventoryModel(_Model):
@@ -160,6 +160,10 @@ class InventoryModel(_Model):
     mail_providers: dict[ProviderName, MailProvider] = Field(default_factory=dict)
     sending_domains: SendingDomains = Field(default_factory=dict)
     sending_domain_discovery: SendingDomainDiscovery | None = None
+    # Delivery probes and diagnosis (models and their rules: opsdrill.inventory_probe).
+    probes: dict[ProbeName, Probe] = Field(default_factory=dict)
+    app_environment: dict[str, AppEnvironment] = Field(default_factory=dict)
+    queues: dict[str, QueueBacklog] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,15 @@ class Inventory:
     ) -> list[ExpectedSelector]:
         """The domain's own selectors, then each expected provider's."""
         return expected_selectors(self.model.mail_providers, self.sending_domain(domain), now)
+
+    def probe(self, name: str) -> Probe:
+        return _named(self.path, self.model.probes, "probes", name)
+
+    def app_environment(self, name: str) -> AppEnvironment:
+        return _named(self.path, self.model.app_environment, "app_environment", name)
+
+    def queue(self, name: str) -> QueueBacklog:
+        return _named(self.path, self.model.queues, "queues", name)
 
     def resolve_path(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -342,6 +355,7 @@ def _env_refs(model: InventoryModel) -> list[tuple[str, str, frozenset[str]]]:
             refs.append((f"databases.{name}.sandbox.password_env", db.sandbox.password_env, _ALL))
     if model.gpg and model.gpg.drill_passphrase_env:
         refs.append(("gpg.drill_passphrase_env", model.gpg.drill_passphrase_env, _ALL))
+    refs += [(key, var, _ALL) for key, var in probe_env_refs(model.probes, model.queues)]
     return refs
 
 

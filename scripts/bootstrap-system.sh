@@ -3,6 +3,11 @@
 set -euo pipefail
 # knot: the local stack's authoritative DNS server (knotd, knotc); knot-dnsutils: kdig.
 packages=(postgresql postgresql-contrib zstd gzip pigz gnupg util-linux procps knot knot-dnsutils)
+# The local stack's mail servers (all run by opsdrill on 127.0.0.1, never system-wide):
+# Postfix (submission), Dovecot (IMAP, LMTP, sieve), OpenDKIM (signing milter),
+# SpamAssassin (spamd + spamc: local scoring), Redis (the BullMQ queue), openssl.
+packages+=(postfix dovecot-imapd dovecot-lmtpd dovecot-sieve opendkim opendkim-tools
+  spamassassin spamc spamd redis-server openssl)
 # chromium: renders the Allure report in tests/test_report.py (headless). CI jobs that only
 # verify and report set OPSDRILL_SKIP_BROWSER=1 (ci-templates/): they never open the report.
 if [ "${OPSDRILL_SKIP_BROWSER:-}" != 1 ]; then
@@ -33,6 +38,12 @@ if ((${#missing[@]})); then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
+  # Postfix asks what kind of mail system this is: none (opsdrill writes its own config).
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # spamassassin's postinst imports its update keys and leaves a gpg-agent behind.
+  if [ -d /var/lib/spamassassin/sa-update-keys ]; then
+    gpgconf --homedir /var/lib/spamassassin/sa-update-keys --kill gpg-agent 2>/dev/null || true
+  fi
 fi

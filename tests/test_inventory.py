@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,9 @@ def test_documented_example_inventory_is_valid() -> None:
     assert {"example.com", "news.example.com"} == set(model.sending_domains)
     assert model.dns is not None and model.sending_domain_discovery is not None
     assert mail_cross_checks(root / "docs" / "inventory.example.toml", model) == []
+    assert {"transactional", "portal-invite"} == set(model.probes)
+    assert [p.kind for p in model.probes.values()] == ["direct", "triggered"]
+    assert {"crm"} == set(model.app_environment) and {"email"} == set(model.queues)
 
 
 # -- mail authentication sections (opsdrill.inventory_mail) ---------------------------------
@@ -361,3 +365,202 @@ def test_policy_order() -> None:
 
     assert policy_at_least("reject", "quarantine") and policy_at_least("Quarantine", "none")
     assert not policy_at_least("none", "quarantine") and not policy_at_least("rejekt", "none")
+
+
+# -- delivery probes, app environment, queues (opsdrill.inventory_probe) --------------------
+PROBES = """
+[probes.transactional]
+from_address = "crm@Example.TEST"
+to_address = "probe@mailbox.test"
+timeout_seconds = 30.0
+max_latency_seconds = 10.0
+trusted_authserv_ids = ["MX.mailbox.test"]
+spamd = { host = "127.0.0.1", port = 783, max_score = 5.0 }
+
+[probes.transactional.smtp]
+host = "smtp.relay-one.test"
+port = 587
+tls = "starttls"
+user = "crm@example.test"
+password_env = "T_SMTP_PASSWORD"
+
+[probes.transactional.imap]
+host = "imap.mailbox.test"
+port = 993
+tls = "tls"
+user = "probe@mailbox.test"
+password_env = "T_IMAP_PASSWORD"
+folders = ["INBOX"]
+junk_folders = ["Junk"]
+
+[probes.portal-invite]
+imap = { host = "imap.mailbox.test", user = "probe@mailbox.test", password_env = "T_IMAP_PASSWORD" }
+
+[probes.portal-invite.trigger]
+url = "https://crm.example.test/api/portal/invite"
+method = "POST"
+json = { email = "probe@mailbox.test" }
+bearer_token_env = "T_APP_TOKEN"
+
+[probes.portal-invite.expect]
+to = "probe@mailbox.test"
+subject_pattern = "invited"
+link_pattern = 'https://\\S+/activate\\?token=\\w+'
+fetch_link = true
+window_seconds = 120
+
+[app_environment.crm]
+command = ["docker", "exec", "crm-web", "printenv"]
+
+[queues.email]
+redis = { host = "redis.internal.test", tls = true, password_env = "T_REDIS_PASSWORD" }
+queue = "email"
+max_waiting = 100
+max_oldest_age_seconds = 600
+"""
+PROBE_ENV = {
+    **ENV,
+    "T_SMTP_PASSWORD": "smtp-password-1",
+    "T_IMAP_PASSWORD": "imap-password-1",
+    "T_APP_TOKEN": "app-token-1",
+    "T_REDIS_PASSWORD": "redis-password-1",
+}
+
+
+def probe_error(tmp_path: Path, text: str) -> str:
+    return error_of(write(tmp_path, GOOD + text), environ=PROBE_ENV)
+
+
+def test_probe_sections_load_with_accessors(tmp_path: Path) -> None:
+    inv = load(write(tmp_path, GOOD + PROBES), environ=PROBE_ENV)
+    direct, triggered = inv.probe("transactional"), inv.probe("portal-invite")
+    assert (direct.kind, triggered.kind) == ("direct", "triggered")
+    assert direct.from_address == "crm@example.test"  # the domain is normalised
+    assert direct.trusted_authserv_ids == ["mx.mailbox.test"]
+    assert direct.smtp is not None and direct.smtp.password_env == "T_SMTP_PASSWORD"
+    assert direct.spamd is not None and direct.spamd.max_score == 5.0
+    # defaults: IMAPS on 993, INBOX searched, Junk as the junk folder, IDLE
+    imap = triggered.imap
+    assert (imap.port, imap.tls, imap.folders, imap.junk_folders) == (
+        993,
+        "tls",
+        ["INBOX"],
+        ["Junk"],
+    )
+    assert triggered.use_idle and triggered.timeout_seconds == 30.0
+    trigger, expect = triggered.trigger, triggered.expect
+    assert trigger is not None and trigger.json_body == {"email": "probe@mailbox.test"}
+    assert expect is not None and expect.fetch_link and expect.link_pattern
+    assert re.search(expect.link_pattern, "see https://crm.test/activate?token=abc_1 now")
+    assert inv.app_environment("crm").forbidden_keys == ["EMAIL_REDIRECT_TO"]
+    queue = inv.queue("email")
+    assert (queue.prefix, queue.redis.port, queue.redis.db, queue.redis.tls) == (
+        "bull",
+        6379,
+        0,
+        True,
+    )
+    assert inv.secret(queue.redis.password_env or "") == "redis-password-1"
+    with pytest.raises(ConfigError, match=r"no probes\.other \(inventory has: portal-invite"):
+        inv.probe("other")
+    with pytest.raises(ConfigError, match=r"no queues\.jobs"):
+        inv.queue("jobs")
+
+
+def test_probe_secrets_are_needed_for_checks_only(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + PROBES)
+    msg = error_of(path, environ=ENV)
+    for key, var in (
+        ("probes.transactional.smtp.password_env", "T_SMTP_PASSWORD"),
+        ("probes.transactional.imap.password_env", "T_IMAP_PASSWORD"),
+        ("probes.portal-invite.trigger.bearer_token_env", "T_APP_TOKEN"),
+        ("queues.email.redis.password_env", "T_REDIS_PASSWORD"),
+    ):
+        assert f"{key}: environment variable {var} is not set (fix: export {var}=...)" in msg
+    assert load(path, environ=ENV, scope="backup").probe("transactional").kind == "direct"
+
+
+def test_probe_is_direct_or_triggered_never_both(tmp_path: Path) -> None:
+    both = PROBES.replace(
+        'to_address = "probe@mailbox.test"\n',
+        'to_address = "probe@mailbox.test"\ntrigger = { url = "http://127.0.0.1:8080/x" }\n',
+    )
+    assert (
+        "probes.transactional: a probe is either direct (smtp, from_address, to_address) or "
+        "triggered (trigger, expect), not both: found smtp, from_address, to_address, trigger"
+    ) in probe_error(tmp_path, both)
+    neither = (
+        '[probes.x]\nimap = { host = "h.test", user = "u", password_env = "T_IMAP_PASSWORD" }\n'
+    )
+    assert "probes.x: neither direct (smtp, from_address, to_address) nor triggered" in (
+        probe_error(tmp_path, neither)
+    )
+    expect = PROBES[PROBES.index("[probes.portal-invite.expect]") : PROBES.index("[app_env")]
+    half = PROBES.replace('to_address = "probe@mailbox.test"\n', "").replace(expect, "")
+    msg = probe_error(tmp_path, half)
+    assert "probes.transactional: a direct probe also needs to_address (fix: add it)" in msg
+    assert "probes.portal-invite: a triggered probe also needs expect (fix: add it)" in msg
+
+
+def test_bad_probe_values_are_all_named(tmp_path: Path) -> None:
+    text = (
+        PROBES.replace('tls = "starttls"', 'tls = "ssl"')
+        .replace('tls = "tls"', 'tls = "none"')
+        .replace('to_address = "probe@mailbox.test"', 'to_address = "probe"')
+        .replace('bearer_token_env = "T_APP_TOKEN"', 'bearer_token_env = "T_APP_TOKEN"\nport = 1')
+        .replace('subject_pattern = "invited"', 'subject_pattern = "(invited"')
+        .replace('json = { email = "probe@mailbox.test" }', "timeout_seconds = 0")
+        .replace('queue = "email"', 'queue = "email"\nbogus = 1')
+    )
+    msg = probe_error(tmp_path, text)
+    where = f"{tmp_path / 'inventory.toml'}: probes"
+    assert f"{where}.transactional.smtp.tls: Input should be 'starttls', 'tls' or 'none'" in msg
+    assert (
+        f"{where}.transactional.imap: tls = 'none' would send the password in clear to "
+        "imap.mailbox.test; it is allowed for 127.0.0.1 only (fix: use 'starttls' or 'tls')"
+    ) in msg
+    assert f"{where}.transactional.to_address: not an email address (local@domain)" in msg
+    assert f"{where}.portal-invite.trigger.port: unknown key" in msg
+    assert f"{where}.portal-invite.trigger.timeout_seconds: Input should be greater than 0" in msg
+    assert f"{where}.portal-invite.expect.subject_pattern: not a valid regular expression" in msg
+    assert "queues.email.bogus: unknown key" in msg
+    assert len(msg.splitlines()) == 7
+    late = PROBES.replace("max_latency_seconds = 10.0", "max_latency_seconds = 60.0")
+    assert "max_latency_seconds (60) exceeds timeout_seconds (30)" in probe_error(tmp_path, late)
+    slow = PROBES.replace("port = 587\n", "port = 587\ntimeout_seconds = 3000\n")
+    assert (
+        "probes.transactional.smtp.timeout_seconds: Input should be less than or equal to 300"
+    ) in probe_error(tmp_path, slow)
+    local = PROBES.replace(
+        'host = "imap.mailbox.test"\nport = 993\ntls = "tls"',
+        ('host = "127.0.0.1"\nport = 143\ntls = "none"'),
+    )
+    assert load(write(tmp_path, GOOD + local), environ=PROBE_ENV).probe("transactional")
+
+
+def test_secrets_stay_out_of_probe_sections(tmp_path: Path) -> None:
+    text = PROBES.replace(
+        'url = "https://crm.example.test/api/portal/invite"',
+        'url = "https://u:pw@crm.example.test/x"\nheaders = { Authorization = "Bearer x" }',
+    ).replace('password_env = "T_IMAP_PASSWORD"\nfolders', 'password_env = "imap pw"\nfolders')
+    msg = probe_error(tmp_path, text)
+    assert (
+        "probes.portal-invite.trigger.url: contains a password (fix: use bearer_token_env)" in msg
+    )
+    assert "trigger.headers: secrets go in bearer_token_env, not in headers" in msg
+    assert "probes.transactional.imap.password_env: String should match pattern" in msg
+
+
+def test_app_environment_needs_exactly_one_source(tmp_path: Path) -> None:
+    command = 'command = ["docker", "exec", "crm-web", "printenv"]'
+    for text in (
+        PROBES.replace(command, command + '\nenv_file = "app.env"'),
+        PROBES.replace(command, ""),
+    ):
+        msg = probe_error(tmp_path, text)
+        assert "app_environment.crm: set exactly one of env_file or command" in msg
+    relative = PROBES.replace(command, 'env_file = "app/.env"\nforbidden_keys = ["DEBUG"]')
+    inv = load(write(tmp_path, GOOD + relative), environ=PROBE_ENV)
+    env = inv.app_environment("crm")
+    assert env.forbidden_keys == ["DEBUG"] and env.env_file is not None
+    assert inv.resolve_path(env.env_file) == tmp_path.resolve() / "app/.env"

@@ -6,6 +6,10 @@
 one place (``COMPONENT_KINDS``) so later servers (mail) slot in beside these. The DNS
 server (Knot) serves the demo mail-authentication zones of ``demo_dns``; tests edit its
 records at runtime through ``LocalStack.knot()`` and put them back with ``restore_all()``.
+The mail servers (``mail``: Dovecot, OpenDKIM, Postfix, spamd), Redis with the BullMQ
+email queue and the stand-in application come next; their test switches are on the
+objects ``LocalStack.postfix()``, ``dovecot()``, ``opendkim()``, ``demo_app()`` and
+``email_queue()`` return.
 """
 
 from __future__ import annotations
@@ -19,16 +23,24 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import tomli_w
 
-from opsdrill.stack import demo_dns
+from opsdrill.stack import demo_dns, mail
+from opsdrill.stack.demo_app import DemoApp, app_env_lines
+from opsdrill.stack.dovecot import Dovecot
 from opsdrill.stack.gnupg_keys import generate_keypair
 from opsdrill.stack.knot import KnotServer
+from opsdrill.stack.opendkim import OpenDkim
+from opsdrill.stack.postfix import Postfix
 from opsdrill.stack.postgres import SUPERUSER, PgCluster
+from opsdrill.stack.procs import pid_alive
+from opsdrill.stack.redis_queue import BullQueue, RedisServer
 from opsdrill.stack.s3server import S3Server
+from opsdrill.stack.spamd import Spamd
 
+T = TypeVar("T")
 STATE_FILE = "stack.json"
 INVENTORY_FILE = "inventory.toml"
 SECRETS_FILE = "secrets.env"
@@ -62,7 +74,14 @@ COMPONENT_KINDS: dict[str, type[Any]] = {
     "postgres": PgCluster,
     "s3": S3Server,
     "knot": KnotServer,
+    "dovecot": Dovecot,
+    "opendkim": OpenDkim,
+    "postfix": Postfix,
+    "spamd": Spamd,
+    "redis": RedisServer,
+    "demo_app": DemoApp,
 }
+MailTables = dict[str, Any]
 
 
 def _moto_version() -> str:
@@ -110,13 +129,21 @@ class LocalStack:
             "OPSDRILL_LIVE_S3_ACCESS_KEY": _secret("lives3access"),
             "OPSDRILL_LIVE_S3_SECRET_KEY": _secret("lives3secret"),
             "OPSDRILL_GPG_PASSPHRASE": _secret("gpgpass"),
+            **{user.password_env: _secret("mailbox") for user in mail.USERS},
+            "OPSDRILL_REDIS_PASSWORD": _secret("redis"),
+            "OPSDRILL_APP_TOKEN": _secret("apptoken"),
         }
+        # SpamAssassin compiles its rules for a second or more: started first, waited for
+        # last, so that time overlaps the other servers' start-up.
+        spamd = Spamd("spamd", self.base / "spamd")
         live = PgCluster("live", self.base / "pg-live")
         sandbox = PgCluster("sandbox", self.base / "pg-sandbox")
         offsite = S3Server("offsite", self.base / "s3-offsite")
         live_s3 = S3Server("live", self.base / "s3-live")
         dns = KnotServer("dns", self.base / "knot")
         try:
+            spamd.launch()
+            self._record("spamd", spamd)
             live.init(creds["OPSDRILL_LIVE_PG_PASSWORD"])
             sandbox.init(creds["OPSDRILL_SANDBOX_PG_PASSWORD"])
             live.start()
@@ -134,17 +161,20 @@ class LocalStack:
             )
             self._seed(live, creds["OPSDRILL_LIVE_PG_PASSWORD"])
             self._make_buckets(offsite, live_s3, creds)
-            app_env = self._write_app_env()
+            mail_tables = self._start_mail(creds, spamd)
+            app_env = self.base / "app" / ".env"
+            spamd.wait_ready()
         except BaseException:
             self.down()
             raise
         self._write_secrets(creds)
-        self._write_inventory(live, sandbox, offsite, live_s3, keys, app_env, dns)
+        self._write_inventory(live, sandbox, offsite, live_s3, keys, app_env, dns, mail_tables)
         self.state["started_seconds"] = round(time.monotonic() - started, 2)
         self.state["versions"] = {
             "postgresql": live.version(),
             "s3": "moto " + _moto_version(),
             "dns": dns.version(),
+            **self._mail_versions(),
         }
         self._save_state()
         return self.inventory_path
@@ -157,6 +187,12 @@ class LocalStack:
             comp = self._component(name, info)
             with contextlib.suppress(Exception):
                 comp.stop()
+        # From another process, a stopped daemon stays a zombie until PID 1 reaps it (up
+        # to ~2 s here): wait once for all of them rather than once per server.
+        pids = [info["pid"] for info in self.state.get("components", {}).values()]
+        deadline = time.monotonic() + 5
+        while any(pid and pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self.base.exists():
             shutil.rmtree(self.base, ignore_errors=True)
         self.state = {}
@@ -183,7 +219,94 @@ class LocalStack:
             raise RuntimeError(f"no DNS server recorded in {self.base / STATE_FILE}")
         return KnotServer(info["name"], Path(info["base"]), port=info["port"], pid=info["pid"])
 
+    def postfix(self) -> Postfix:
+        """Switches: ``defer_delivery()`` / ``restore_delivery()``, ``queue()``."""
+        return self._rebuilt("postfix", Postfix)
+
+    def dovecot(self) -> Dovecot:
+        """Switches: ``file_into_junk()`` / ``stop_filing_into_junk()``."""
+        return self._rebuilt("dovecot", Dovecot)
+
+    def opendkim(self) -> OpenDkim:
+        """Switches: ``disable_signing()`` / ``enable_signing()``."""
+        return self._rebuilt("opendkim", OpenDkim)
+
+    def spamd(self) -> Spamd:
+        return self._rebuilt("spamd", Spamd)
+
+    def demo_app(self) -> DemoApp:
+        """Switches: ``set_redirect()`` / ``clear_redirect()``, ``omit_activation_link()``."""
+        return self._rebuilt("demo_app", DemoApp)
+
+    def redis(self) -> RedisServer:
+        return self._rebuilt("redis", RedisServer)
+
+    def email_queue(self) -> BullQueue:
+        """The demo BullMQ email queue: ``add_waiting_jobs()`` / ``clear_waiting()``."""
+        redis = self.redis()
+        return BullQueue(redis.client(self.secrets()["OPSDRILL_REDIS_PASSWORD"]))
+
+    def secrets(self) -> dict[str, str]:
+        from opsdrill.inventory import read_env_file
+
+        return read_env_file(self.base / SECRETS_FILE)
+
     # -- internals -----------------------------------------------------------------
+    def _rebuilt(self, key: str, cls: type[T]) -> T:
+        info = self.state.get("components", {}).get(key)
+        if info is None:  # not started by this object: another process's stack
+            info = self.load_state().get("components", {}).get(key)
+        if info is None:
+            raise RuntimeError(f"no {key} recorded in {self.base / STATE_FILE}")
+        comp = self._component(key, info)
+        assert isinstance(comp, cls)
+        return comp
+
+    def _start_mail(self, creds: dict[str, str], spamd: Spamd) -> MailTables:
+        """Dovecot, OpenDKIM, Postfix (in that order: each uses the previous ones'
+        sockets), Redis with the email queue, then the application that sends through
+        them; returns the inventory sections describing them."""
+        tls = mail.make_tls(self.base / "tls")
+        users = {user.address: creds[user.password_env] for user in mail.USERS}
+        dovecot = Dovecot("dovecot", self.base / "dovecot")
+        dovecot.start(tls, users)
+        self._record("dovecot", dovecot, imap_port=dovecot.imap_port)
+        opendkim = OpenDkim("opendkim", self.base / "opendkim")
+        opendkim.start(self.base / "dkim")
+        self._record("opendkim", opendkim, socket=str(opendkim.socket))
+        postfix = Postfix("postfix", self.base / "postfix")
+        postfix.start(tls, dovecot.lmtp_socket, dovecot.auth_socket, opendkim.socket, users)
+        self._record("postfix", postfix)
+        redis = RedisServer("redis", self.base / "redis")
+        redis.start(creds["OPSDRILL_REDIS_PASSWORD"])
+        self._record("redis", redis)
+        BullQueue(redis.client(creds["OPSDRILL_REDIS_PASSWORD"])).seed()
+        app = DemoApp("demo_app", self.base / "app")
+        smtp = app_env_lines(
+            smtp_port=postfix.port,
+            smtp_password=creds[mail.SENDER.password_env],
+            api_token=creds["OPSDRILL_APP_TOKEN"],
+        )
+        app_env = self._write_app_env(smtp)
+        app.start(ca_file=tls.cert)
+        self._record("demo_app", app)
+        return mail.inventory_tables(
+            smtp_port=postfix.port,
+            imaps_port=dovecot.port,
+            spamd_port=spamd.port,
+            redis_port=redis.port,
+            app_port=app.port,
+            ca_file=str(tls.cert.relative_to(self.base)),
+            app_env_file=str(app_env.relative_to(self.base)),
+        )
+
+    def _mail_versions(self) -> dict[str, str]:
+        versions = {}
+        for key in ("postfix", "dovecot", "opendkim", "redis"):
+            with contextlib.suppress(Exception):
+                versions[key] = getattr(self, key)().version()
+        return versions
+
     def _component(self, name: str, info: dict[str, Any]) -> Component:
         cls = COMPONENT_KINDS[info["kind"]]
         comp: Component = cls(info["name"], Path(info["base"]), port=info["port"], pid=info["pid"])
@@ -254,8 +377,10 @@ class LocalStack:
         live_client.make_bucket(FILES_BUCKET)
         create_demo_files(live_client, FILES_BUCKET)
 
-    def _write_app_env(self) -> Path:
-        """The application's .env, as the secrets bundle reads it on a real host."""
+    def _write_app_env(self, smtp: str) -> Path:
+        """The application's .env, as the secrets bundle reads it on a real host (and the
+        demo app, which sends through the local Postfix, reads it). EMAIL_REDIRECT_TO is
+        not set: production must not have it."""
         app = self.base / "app"
         app.mkdir(exist_ok=True)
         path = app / ".env"
@@ -264,10 +389,7 @@ class LocalStack:
             fh.write(
                 "# demo CRM application environment\n"
                 f"ENCRYPTION_KEY={base64.b64encode(secrets.token_bytes(32)).decode()}\n"
-                f"DATABASE_URL=postgresql://crm_app:{_secret('apppg')}@127.0.0.1/crm\n"
-                f"SMTP_PASSWORD={_secret('smtp')}\n"
-                "SMTP_HOST=127.0.0.1\n"
-                "SMTP_FROM=crm@example.test\n"
+                f"DATABASE_URL=postgresql://crm_app:{_secret('apppg')}@127.0.0.1/crm\n" + smtp
             )
         return path
 
@@ -288,6 +410,7 @@ class LocalStack:
         keys: Any,
         app_env: Path,
         dns: KnotServer,
+        mail_tables: MailTables,
     ) -> None:
         def store(server: S3Server, who: str, bucket: str, prefix: str) -> dict[str, Any]:
             return {
@@ -351,6 +474,7 @@ class LocalStack:
                 }
             },
             **demo_dns.inventory_tables(dns.port, DEMO_DB),
+            **mail_tables,
         }
         self.inventory_path.write_text(
             "# Written by `opsdrill stack up`: the local stack's targets.\n"

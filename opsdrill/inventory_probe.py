@@ -1,0 +1,306 @@
+"""Inventory sections for mail delivery probes and the runbook's diagnosis steps.
+
+- ``[probes.NAME]``: one SMTP -> IMAP round trip. Either *direct* (``smtp``,
+  ``from_address``, ``to_address``: opsdrill submits the message itself) or *triggered*
+  (``trigger``, ``expect``: an HTTP request makes the application send it, and ``expect``
+  says how to recognise it), never both. Both kinds name the ``imap`` mailbox that
+  receives, how long to wait and the latency allowed, the Authentication-Results
+  authserv-ids to trust and, optionally, a ``spamd`` to score the received copy.
+- ``[app_environment.NAME]``: where the application's environment comes from (an env file,
+  or a command such as ``docker exec app printenv``: the same source keys as
+  ``[secrets.*]``, read the same way) and which keys must not be set in it.
+- ``[queues.NAME]``: a BullMQ queue in Redis whose backlog must stay small and fresh.
+
+Secrets are environment variable names only (``password_env``, ``bearer_token_env``).
+Relative paths (``ca_file``, ``env_file``) are relative to the inventory file: resolve
+them with ``Inventory.resolve_path``. Like every section, all problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from opsdrill._model import ENV_NAME_PATTERN, StrictModel
+
+TlsMode = Literal["starttls", "tls", "none"]
+EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
+# A network wait: positive and bounded, so a typo (3000 for 30) cannot stall a run.
+Timeout = Annotated[float, Field(gt=0, le=300)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+_ADDRESS = re.compile(r"^[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def _address(value: str) -> str:
+    """``local@domain``, the domain lower-cased (the local part is the server's business)."""
+    if not _ADDRESS.match(value):
+        raise ValueError("not an email address (local@domain)")
+    local, _, domain = value.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
+Pattern = Annotated[str, AfterValidator(_regex)]
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Endpoint(StrictModel):
+    host: str = Field(min_length=1)
+    ca_file: str | None = Field(default=None, description="PEM CA bundle for a private CA")
+    verify: bool = Field(default=True, description="false: TLS without certificate checks")
+    timeout_seconds: Timeout = 10.0
+
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:
+        if "/" in value or value.count(":") == 1:
+            raise ValueError("a host name or IP address alone: the port is its own key")
+        return value
+
+
+class _Tls(_Endpoint):
+    tls: TlsMode
+
+    @model_validator(mode="after")
+    def _plaintext_only_locally(self) -> _Tls:
+        if self.tls == "none" and not _loopback(self.host):
+            raise ValueError(
+                f"tls = 'none' would send the password in clear to {self.host}; it is allowed "
+                "for 127.0.0.1 only (fix: use 'starttls' or 'tls')"
+            )
+        return self
+
+
+class SmtpSubmission(_Tls):
+    """Where a direct probe submits its message (the application's own SMTP account)."""
+
+    port: Port = 587
+    tls: TlsMode = "starttls"
+    user: str | None = Field(default=None, min_length=1)
+    password_env: EnvName | None = None
+
+    @model_validator(mode="after")
+    def _credentials_pair(self) -> SmtpSubmission:
+        if (self.user is None) != (self.password_env is None):
+            raise ValueError("set both user and password_env, or neither (no AUTH)")
+        return self
+
+
+class ImapMailbox(_Tls):
+    """The mailbox that receives: searched in ``folders``, then ``junk_folders`` (finding
+    the message there fails the probe as "delivered to junk")."""
+
+    port: Port = 993
+    tls: TlsMode = "tls"
+    user: str = Field(min_length=1)
+    password_env: EnvName
+    folders: list[str] = Field(default_factory=lambda: ["INBOX"], min_length=1)
+    junk_folders: list[str] = Field(default_factory=lambda: ["Junk"])
+
+    @model_validator(mode="after")
+    def _folders_distinct(self) -> ImapMailbox:
+        both = sorted(set(self.folders) & set(self.junk_folders))
+        if both:
+            raise ValueError(f"{both} listed in both folders and junk_folders (fix: pick one)")
+        return self
+
+
+class SpamdScoring(StrictModel):
+    """SpamAssassin's spamd (SPAMC protocol) scoring the received copy."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: Port = 783
+    max_score: float = Field(default=5.0, le=100)
+    timeout_seconds: Timeout = 30.0
+
+
+class HttpTrigger(StrictModel):
+    """The request that makes the application send (e.g. a portal invite)."""
+
+    url: str
+    method: Literal["POST", "PUT", "PATCH", "GET"] = "POST"
+    # TOML key ``json``: the request body (a JSON object).
+    json_body: dict[str, Any] | None = Field(default=None, alias="json")
+    headers: dict[str, str] = Field(default_factory=dict, description="no secrets here")
+    bearer_token_env: EnvName | None = None
+    ca_file: str | None = None
+    verify: bool = True
+    timeout_seconds: Timeout = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("an http:// or https:// URL")
+        if parts.password:
+            raise ValueError("contains a password (fix: use bearer_token_env)")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
+        if any(k.lower() in ("authorization", "cookie") for k in value):
+            raise ValueError("secrets go in bearer_token_env, not in headers")
+        return value
+
+
+class ExpectedMessage(StrictModel):
+    """How to recognise the message a triggered probe causes."""
+
+    to: Address
+    from_address: Address | None = Field(default=None, description="when set, must match")
+    subject_pattern: Pattern = Field(description="regular expression searched in Subject")
+    link_pattern: Pattern | None = Field(default=None, description="the link to extract")
+    fetch_link: bool = Field(default=False, description="GET the link; it must answer 2xx")
+    link_timeout_seconds: Timeout = 10.0
+    window_seconds: float = Field(
+        default=120.0, gt=0, le=86400, description="messages older than this do not count"
+    )
+
+    @model_validator(mode="after")
+    def _fetch_needs_pattern(self) -> ExpectedMessage:
+        if self.fetch_link and self.link_pattern is None:
+            raise ValueError("fetch_link = true needs a link_pattern")
+        return self
+
+
+class Probe(StrictModel):
+    # direct
+    smtp: SmtpSubmission | None = None
+    from_address: Address | None = None
+    to_address: Address | None = None
+    # triggered
+    trigger: HttpTrigger | None = None
+    expect: ExpectedMessage | None = None
+    # both
+    imap: ImapMailbox
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description="give up waiting")
+    max_latency_seconds: float = Field(default=10.0, gt=0, description="accepted -> visible")
+    use_idle: bool = Field(default=True, description="IMAP IDLE when offered, else polling")
+    poll_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    trusted_authserv_ids: list[str] = Field(default_factory=list)
+    require_dkim: bool = Field(default=True, description="an aligned, valid DKIM signature")
+    spamd: SpamdScoring | None = None
+    sweep_after_minutes: float | None = Field(
+        default=60.0, gt=0, description="delete probe messages older than this (crashed runs)"
+    )
+
+    @property
+    def kind(self) -> Literal["direct", "triggered"]:
+        return "triggered" if self.trigger is not None else "direct"
+
+    @field_validator("trusted_authserv_ids")
+    @classmethod
+    def _lower_ids(cls, value: list[str]) -> list[str]:
+        return [v.strip().lower() for v in value]
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Probe:
+        direct = [k for k in ("smtp", "from_address", "to_address") if getattr(self, k) is not None]
+        triggered = [k for k in ("trigger", "expect") if getattr(self, k) is not None]
+        if direct and triggered:
+            raise ValueError(
+                f"a probe is either direct (smtp, from_address, to_address) or triggered "
+                f"(trigger, expect), not both: found {', '.join(direct + triggered)} "
+                "(fix: split it into two probes)"
+            )
+        if not direct and not triggered:
+            raise ValueError(
+                "neither direct (smtp, from_address, to_address) nor triggered "
+                "(trigger, expect) (fix: add one of the two sets)"
+            )
+        wanted = ("smtp", "from_address", "to_address") if direct else ("trigger", "expect")
+        missing = [k for k in wanted if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"a {self.kind} probe also needs {', '.join(missing)} (fix: add it)")
+        if self.max_latency_seconds > self.timeout_seconds:
+            raise ValueError(
+                f"max_latency_seconds ({self.max_latency_seconds:g}) exceeds timeout_seconds "
+                f"({self.timeout_seconds:g}): a slow message would time out instead"
+            )
+        return self
+
+
+class EnvSource(StrictModel):
+    """Where an application's environment is read: an env file on this host, or the
+    output of a command (no shell), e.g. ``["docker", "exec", "app", "printenv"]``."""
+
+    env_file: str | None = None
+    command: list[str] | None = Field(default=None, min_length=1)
+    command_timeout_seconds: float = Field(default=30, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvSource:
+        if (self.env_file is None) == (self.command is None):
+            raise ValueError("set exactly one of env_file or command")
+        return self
+
+
+class AppEnvironment(EnvSource):
+    """Keys that must not be set in production (dev/test-only settings)."""
+
+    forbidden_keys: list[EnvName] = Field(
+        default_factory=lambda: ["EMAIL_REDIRECT_TO"], min_length=1
+    )
+
+
+class RedisEndpoint(_Endpoint):
+    port: Port = 6379
+    tls: bool = False
+    username: str | None = None
+    password_env: EnvName | None = None
+    db: int = Field(default=0, ge=0, le=255)
+    timeout_seconds: Timeout = 5.0
+
+
+class QueueBacklog(StrictModel):
+    """A BullMQ queue (``<prefix>:<queue>:wait`` and the job hashes beside it)."""
+
+    redis: RedisEndpoint
+    queue: str = Field(pattern=_NAME)
+    prefix: str = Field(default="bull", min_length=1)
+    max_waiting: int = Field(default=100, ge=0)
+    max_oldest_age_seconds: float = Field(default=600, gt=0)
+
+
+ProbeName = Annotated[str, Field(pattern=_NAME)]
+
+
+def probe_env_refs(
+    probes: dict[str, Probe], queues: dict[str, QueueBacklog]
+) -> list[tuple[str, str]]:
+    """(inventory key, variable) of every secret these sections name."""
+    refs: list[tuple[str, str]] = []
+    for name, probe in probes.items():
+        where = f"probes.{name}"
+        if probe.smtp is not None and probe.smtp.password_env:
+            refs.append((f"{where}.smtp.password_env", probe.smtp.password_env))
+        if probe.trigger is not None and probe.trigger.bearer_token_env:
+            refs.append((f"{where}.trigger.bearer_token_env", probe.trigger.bearer_token_env))
+        refs.append((f"{where}.imap.password_env", probe.imap.password_env))
+    for name, queue in queues.items():
+        if queue.redis.password_env:
+            refs.append((f"queues.{name}.redis.password_env", queue.redis.password_env))
+    return refs

@@ -1,0 +1,331 @@
+"""Dovecot for the local stack: the probe mailbox (IMAP STARTTLS + IMAPS, IDLE), LMTP
+delivery for Postfix, SASL authentication for Postfix's submission port, and Pigeonhole
+sieve (a global before-script files ``X-Spam-Flag: YES`` into Junk).
+
+Users are a passwd-file (``mail.USERS``; passwords from secrets.env, file 0600); mail is
+stored as ``nobody`` under ``DIR/mail/<domain>/<user>/Maildir``. Tests switch a mailbox to
+"everything goes to Junk" with ``file_into_junk`` (a per-user sieve script) and back with
+``stop_filing_into_junk``; Dovecot compiles the script at the next delivery, no restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from opsdrill.stack.mail import (
+    JUNK_FOLDER,
+    MAILBOX_HOSTNAME,
+    PROBE,
+    SENDER_DOMAIN,
+    TlsFiles,
+    gone,
+    load_settings,
+    log_tail,
+    save_settings,
+    socket_dir,
+    stop_process,
+    write_private,
+)
+from opsdrill.stack.procs import (
+    chown_to,
+    free_port,
+    port_open,
+    run,
+    running_as_root,
+    wait_for,
+)
+
+MAIL_USER = "nobody"
+MAIL_GROUP = "nogroup"
+AUTH_GROUP = "dovecot"
+START_TIMEOUT = 20.0
+
+_CONFIG = """\
+# Written by opsdrill: the local stack's mailbox server.
+base_dir = {run}
+state_dir = {state}
+log_path = {log}
+protocols = imap lmtp
+listen = 127.0.0.1
+hostname = {hostname}
+postmaster_address = postmaster@{postmaster_domain}
+ssl = required
+ssl_cert = <{cert}
+ssl_key = <{key}
+ssl_dh = </usr/share/dovecot/dh.pem
+ssl_min_protocol = TLSv1.2
+auth_mechanisms = plain login
+auth_username_format = %Lu
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {users}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {users}
+  default_fields = uid={mail_user} gid={mail_group} home={mail}/%d/%n
+}}
+mail_location = maildir:~/Maildir
+lda_mailbox_autocreate = yes
+lda_mailbox_autosubscribe = yes
+namespace inbox {{
+  inbox = yes
+  separator = /
+  mailbox {junk} {{
+    special_use = \\Junk
+    auto = subscribe
+  }}
+  mailbox Sent {{
+    special_use = \\Sent
+    auto = subscribe
+  }}
+  mailbox Trash {{
+    special_use = \\Trash
+    auto = subscribe
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {imaps_port}
+    ssl = yes
+  }}
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+service auth {{
+  unix_listener auth-postfix {{
+    mode = 0666
+  }}
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+protocol lmtp {{
+  mail_plugins = $mail_plugins sieve
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+  sieve_before = {before}
+}}
+"""
+
+# Files what a spam filter upstream flagged: the receiving side of a real provider.
+BEFORE_SIEVE = f"""\
+require ["fileinto"];
+# Written by opsdrill: mail a content filter flagged goes to {JUNK_FOLDER}.
+if header :is "X-Spam-Flag" "YES" {{
+  fileinto "{JUNK_FOLDER}";
+  stop;
+}}
+"""
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if not found:
+        raise RuntimeError(
+            f"{name} not found (fix: apt-get install dovecot-imapd dovecot-lmtpd dovecot-sieve)"
+        )
+    return found
+
+
+@dataclass
+class Dovecot:
+    name: str
+    base: Path
+    port: int = 0  # IMAPS
+    pid: int = 0
+
+    @property
+    def conf(self) -> Path:
+        return self.base / "dovecot.conf"
+
+    @property
+    def logfile(self) -> Path:
+        return self.base / "dovecot.log"
+
+    @property
+    def run_dir(self) -> Path:
+        """base_dir: every socket Dovecot makes, LMTP and Postfix's auth among them."""
+        saved = load_settings(self.base).get("run_dir")
+        return Path(saved) if saved else socket_dir(self.base / "run", "dovecot", 32)
+
+    @property
+    def lmtp_socket(self) -> Path:
+        return self.run_dir / "lmtp"
+
+    @property
+    def auth_socket(self) -> Path:
+        return self.run_dir / "auth-postfix"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.base / "mail"
+
+    @property
+    def imap_port(self) -> int:
+        """The STARTTLS port (``port`` is IMAPS)."""
+        return int(load_settings(self.base).get("imap_port", 0))
+
+    def home(self, address: str) -> Path:
+        local, _, domain = address.lower().partition("@")
+        return self.mail_dir / domain / local
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self, tls: TlsFiles, users: Mapping[str, str]) -> None:
+        """Serve ``users`` (address -> password) over IMAP; returns once IMAPS answers and
+        the LMTP and auth sockets exist."""
+        for sub in (self.base, self.base / "state", self.base / "sieve"):
+            sub.mkdir(parents=True, exist_ok=True)
+        run_dir = socket_dir(self.base / "run", "dovecot", 32)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.mail_dir.mkdir(exist_ok=True)
+        chown_to(self.mail_dir, MAIL_USER)
+        users_file = write_private(
+            self.base / "users",
+            "".join(f"{address.lower()}:{{PLAIN}}{pw}::::::\n" for address, pw in users.items()),
+            0o640,
+        )
+        _group_readable_by(users_file, AUTH_GROUP)  # the auth process runs as dovecot
+        for address in users:  # so a sieve switch can be set before the first delivery
+            self._make_home(address)
+        before = self.base / "sieve" / "before.sieve"
+        before.write_text(BEFORE_SIEVE)
+        imap_port, self.port = free_port(), free_port()
+        self.conf.write_text(
+            _CONFIG.format(
+                run=run_dir,
+                state=self.base.resolve() / "state",
+                log=self.logfile.resolve(),
+                hostname=MAILBOX_HOSTNAME,
+                postmaster_domain=SENDER_DOMAIN,
+                cert=tls.cert.resolve(),
+                key=tls.key.resolve(),
+                users=users_file.resolve(),
+                mail_user=MAIL_USER,
+                mail_group=MAIL_GROUP,
+                mail=self.mail_dir.resolve(),
+                junk=JUNK_FOLDER,
+                imap_port=imap_port,
+                imaps_port=self.port,
+                before=before.resolve(),
+            )
+        )
+        save_settings(self.base, {"run_dir": str(run_dir), "imap_port": imap_port})
+        # Compiled once here: the delivering user (nobody) cannot write next to it.
+        run([_binary("sievec"), "-c", str(self.conf), str(before)], "compiling the sieve script")
+        with self.logfile.open("ab") as log:
+            proc = subprocess.Popen(
+                [_binary("dovecot"), "-F", "-c", str(self.conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pid = proc.pid
+
+        def ready() -> bool:
+            return proc.poll() is not None or (
+                port_open(self.port) and self.lmtp_socket.exists() and self.auth_socket.exists()
+            )
+
+        try:
+            wait_for(ready, START_TIMEOUT, f"Dovecot {self.name}", hint=f"see {self.logfile}")
+        except BaseException:
+            self.stop()
+            raise
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"Dovecot {self.name} exited (code {proc.returncode}){log_tail(self.logfile)}"
+            )
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_process(self.pid, timeout=5)
+        run_dir = self.run_dir
+        if not run_dir.is_relative_to(self.base.resolve()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def status(self) -> str:
+        return "running" if self.pid and not gone(self.pid) else "stopped"
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [_binary("dovecot"), "--version"], capture_output=True, text=True, timeout=10
+        )
+        return "dovecot " + out.stdout.strip()
+
+    # -- runtime switches (tests) ----------------------------------------------------
+    def file_into_junk(self, address: str = PROBE.address, header: str | None = None) -> None:
+        """From the next delivery on, file ``address``'s mail into Junk: all of it, or only
+        messages carrying ``header`` (e.g. the probe's token header)."""
+        test = f'exists "{_sieve_string(header)}"' if header else "true"
+        script = (
+            'require ["fileinto"];\n'
+            "# Written by opsdrill (a test switch): this mailbox files mail into Junk.\n"
+            f'if {test} {{\n  fileinto "{JUNK_FOLDER}";\n  stop;\n}}\n'
+        )
+        home = self._make_home(address)
+        self._forget_compiled(home)
+        path = home / ".dovecot.sieve"
+        path.write_text(script)
+        chown_to(path, MAIL_USER)
+
+    def stop_filing_into_junk(self, address: str = PROBE.address) -> None:
+        home = self.home(address)
+        (home / ".dovecot.sieve").unlink(missing_ok=True)
+        self._forget_compiled(home)
+
+    @contextlib.contextmanager
+    def filing_into_junk(
+        self, address: str = PROBE.address, header: str | None = None
+    ) -> Iterator[None]:
+        self.file_into_junk(address, header)
+        try:
+            yield
+        finally:
+            self.stop_filing_into_junk(address)
+
+    def _make_home(self, address: str) -> Path:
+        home = self.home(address)
+        for path in (home.parent, home):
+            path.mkdir(mode=0o700, exist_ok=True)
+            chown_to(path, MAIL_USER)
+        return home
+
+    @staticmethod
+    def _forget_compiled(home: Path) -> None:
+        # Two scripts written within one second would otherwise share a stale binary.
+        (home / ".dovecot.svbin").unlink(missing_ok=True)
+
+    def log_tail(self, lines: int = 8) -> str:
+        return log_tail(self.logfile, lines)
+
+
+def _group_readable_by(path: Path, group: str) -> None:
+    if running_as_root():
+        os.chown(path, 0, grp.getgrnam(group).gr_gid)
+
+
+def _sieve_string(value: str) -> str:
+    if any(c in value for c in '"\\\r\n'):
+        raise ValueError(f"not a plain header name: {value!r}")
+    return value

@@ -1,0 +1,234 @@
+"""Redis for the local stack, holding the application's BullMQ email queue.
+
+Debian's ``redis-server`` on 127.0.0.1:PORT with ``requirepass`` (generated, in
+secrets.env; the config file holding it is 0600), no persistence. The queue uses BullMQ's
+own layout (checked against BullMQ's Lua scripts, ``addStandardJob`` / ``storeJob``):
+
+- ``bull:email:id``        STRING, the job id counter (INCR)
+- ``bull:email:<id>``      HASH: name, data (JSON), opts (JSON), timestamp (ms), delay,
+                           priority
+- ``bull:email:wait``      LIST of waiting job ids; FIFO jobs are LPUSHed, so the oldest
+                           waiting job is the last element (LINDEX -1)
+- ``bull:email:completed`` ZSET of finished job ids, scored by finishedOn (ms)
+- ``bull:email:events``    STREAM ("added", "waiting", "completed")
+- ``bull:email:meta``      HASH (opts.maxLenEvents)
+
+The demo queue is healthy: nothing waiting (a worker keeps up), two completed jobs as
+history. A seeded waiting job would grow old as the stack runs and fail the age check of
+a long test session, so waiting jobs exist only when a test adds them with
+``add_waiting_jobs`` (backdated as it likes) and removes them with ``clear_waiting``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opsdrill.stack.mail import PROBE, SENDER, gone, log_tail, stop_process, write_private
+from opsdrill.stack.procs import free_port, wait_for
+
+PASSWORD_ENV = "OPSDRILL_REDIS_PASSWORD"
+PREFIX = "bull"
+QUEUE = "email"
+START_TIMEOUT = 15.0
+MAX_EVENTS = 10000
+
+_CONFIG = """\
+# Written by opsdrill: the local stack's Redis (BullMQ queues). 0600: holds requirepass.
+bind 127.0.0.1
+port {port}
+protected-mode yes
+requirepass {password}
+daemonize no
+dir {dir}
+logfile {log}
+save ""
+appendonly no
+databases 4
+"""
+
+
+def _binary() -> str:
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("redis-server not found (fix: apt-get install redis-server)")
+    return found
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class RedisServer:
+    name: str
+    base: Path
+    port: int = 0
+    pid: int = 0
+
+    @property
+    def conf(self) -> Path:
+        return self.base / "redis.conf"
+
+    @property
+    def logfile(self) -> Path:
+        return self.base / "redis.log"
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self, password: str) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        write_private(
+            self.conf,
+            _CONFIG.format(
+                port=self.port,
+                password=password,
+                dir=self.base.resolve(),
+                log=self.logfile.resolve(),
+            ),
+        )
+        proc = subprocess.Popen(
+            [_binary(), str(self.conf.resolve())],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pid = proc.pid
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                return True
+            try:
+                return bool(self.client(password, timeout=0.5).ping())
+            except Exception:
+                return False
+
+        try:
+            wait_for(ready, START_TIMEOUT, f"Redis {self.name}", hint=f"see {self.logfile}")
+        except BaseException:
+            self.stop()
+            raise
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"Redis {self.name} exited (code {proc.returncode}){log_tail(self.logfile)}"
+            )
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_process(self.pid, timeout=5)
+
+    def status(self) -> str:
+        return "running" if self.pid and not gone(self.pid) else "stopped"
+
+    def version(self) -> str:
+        out = subprocess.run([_binary(), "--version"], capture_output=True, text=True, timeout=10)
+        words = out.stdout.split()
+        return "redis " + next((w[2:] for w in words if w.startswith("v=")), "?")
+
+    def client(self, password: str, db: int = 0, timeout: float = 5.0) -> Any:
+        import redis
+
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=password,
+            db=db,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+        )
+
+
+class BullQueue:
+    """A BullMQ queue written the way BullMQ's scripts write it (producer side only)."""
+
+    def __init__(self, client: Any, queue: str = QUEUE, prefix: str = PREFIX) -> None:
+        self.client = client
+        self.queue = queue
+        self.prefix = prefix
+
+    def key(self, suffix: str) -> str:
+        return f"{self.prefix}:{self.queue}:{suffix}"
+
+    def seed(self) -> None:
+        """The demo queue: metadata and two completed invitation jobs, nothing waiting."""
+        self.client.hset(self.key("meta"), mapping={"opts.maxLenEvents": MAX_EVENTS})
+        for minutes_ago in (30, 5):
+            job = self._store("portal-invite", _invite(), _now_ms() - minutes_ago * 60_000)
+            finished = _now_ms() - minutes_ago * 60_000 + 800
+            self.client.hset(
+                self.key(job),
+                mapping={"processedOn": finished - 700, "finishedOn": finished, "attemptsMade": 1},
+            )
+            self.client.zadd(self.key("completed"), {job: finished})
+            self.client.xadd(self.key("events"), {"event": "completed", "jobId": job})
+
+    def add_waiting_jobs(
+        self, count: int = 1, age_seconds: float = 0.0, name: str = "portal-invite"
+    ) -> list[str]:
+        """Queue ``count`` jobs created ``age_seconds`` ago (the first is the oldest), as
+        ``Queue.add`` does: job hash, LPUSH onto wait, events, the worker marker."""
+        ids = []
+        created = _now_ms() - int(age_seconds * 1000)
+        for i in range(count):
+            job = self._store(name, _invite(), created + i)
+            self.client.lpush(self.key("wait"), job)
+            self.client.xadd(self.key("events"), {"event": "waiting", "jobId": job})
+            ids.append(job)
+        self.client.zadd(self.key("marker"), {"0": 0})
+        return ids
+
+    def waiting(self) -> list[str]:
+        """Waiting job ids, newest first (BullMQ's LIST order)."""
+        return list(self.client.lrange(self.key("wait"), 0, -1))
+
+    def oldest_waiting_age(self) -> float | None:
+        oldest = self.client.lindex(self.key("wait"), -1)
+        if oldest is None:
+            return None
+        return (_now_ms() - int(self.client.hget(self.key(oldest), "timestamp"))) / 1000
+
+    def clear_waiting(self) -> int:
+        """Remove every waiting job (ids and hashes); the count removed."""
+        ids = self.waiting()
+        if ids:
+            self.client.delete(self.key("wait"), *(self.key(job) for job in ids))
+        self.client.delete(self.key("marker"))
+        return len(ids)
+
+    @contextlib.contextmanager
+    def backlog(self, count: int = 1, age_seconds: float = 0.0) -> Iterator[list[str]]:
+        ids = self.add_waiting_jobs(count, age_seconds)
+        try:
+            yield ids
+        finally:
+            self.clear_waiting()
+
+    def _store(self, name: str, data: dict[str, Any], timestamp: int) -> str:
+        job = str(self.client.incr(self.key("id")))
+        opts = {"attempts": 3, "backoff": {"type": "exponential", "delay": 1000}}
+        self.client.hset(
+            self.key(job),
+            mapping={
+                "name": name,
+                "data": json.dumps(data),
+                "opts": json.dumps(opts),
+                "timestamp": timestamp,
+                "delay": 0,
+                "priority": 0,
+            },
+        )
+        self.client.xadd(self.key("events"), {"event": "added", "jobId": job, "name": name})
+        return job
+
+
+def _invite() -> dict[str, Any]:
+    return {"to": PROBE.address, "from": SENDER.address, "template": "portal-auth"}
