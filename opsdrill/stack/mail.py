@@ -157,15 +157,8 @@ def load_settings(base: Path) -> dict[str, Any]:
 
 
 def gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie. A daemon stopped from another process than
-    the one that started it stays a zombie until PID 1 reaps it (here: up to ~2 s)."""
-    if not pid_alive(pid):
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return not pid_alive(pid)
-    return state in ("Z", "X")
+    """Exited, zombie or not (see procs.pid_alive)."""
+    return not pid_alive(pid)
 
 
 def stop_process(pid: int, timeout: float = 5.0, group: bool = True) -> None:

@@ -36,13 +36,19 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def pid_alive(pid: int) -> bool:
+    """Running. A zombie is not: a daemon stopped from another process than the one that
+    started it stays a zombie until PID 1 reaps it, and waiting for that cost seconds."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def stop_pid(pid: int, timeout: float = 10.0, group: bool = True) -> None:
