@@ -134,8 +134,10 @@ class Env:
 
 
 def derive(stack: Stack, tmp_path: Path, *, own_database: bool = False, own_files: int = 0) -> Env:
-    """Copy the stack's inventory with fresh S3 prefixes, its own copy of the app's .env,
-    and optionally its own database and live files, so tests can sabotage in isolation."""
+    """Copy the stack's inventory with fresh S3 prefixes, its own copy of the app's .env
+    (read by the secrets bundle and [app_environment] alike), absolute paths for the
+    probes' CA files, and optionally its own database and live files, so tests can
+    sabotage in isolation."""
     data = stack.data
     base = stack.inventory_path.parent
     tag = uuid.uuid4().hex[:10]
@@ -145,10 +147,27 @@ def derive(stack: Stack, tmp_path: Path, *, own_database: bool = False, own_file
     data["stores"]["offsite"]["prefix"] = f"t-{tag}"
     data["stores"]["offsite-files"]["prefix"] = f"files-{tag}/"
     data["stores"]["restored-files"]["prefix"] = f"restored-{tag}/"
-    app_env = tmp_path / "app.env"
-    app_env.write_text((base / data["secrets"]["app"]["env_file"]).read_text())
-    app_env.chmod(0o600)
-    data["secrets"]["app"]["env_file"] = str(app_env)
+    copies: dict[Path, Path] = {}
+
+    def own_copy(rel: str, name: str) -> str:
+        """This env's copy of an app .env; the bundle and [app_environment] entries that
+        read the same file share one copy, as they share the file on a real host."""
+        source = (base / rel).resolve()
+        if source not in copies:
+            copy = tmp_path / name
+            copy.write_text(source.read_text())
+            copy.chmod(0o600)
+            copies[source] = copy
+        return str(copies[source])
+
+    data["secrets"]["app"]["env_file"] = own_copy(data["secrets"]["app"]["env_file"], "app.env")
+    for name, section in data.get("app_environment", {}).items():
+        if "env_file" in section:
+            section["env_file"] = own_copy(section["env_file"], f"app-{name}.env")
+    for probe in data.get("probes", {}).values():
+        for key in ("smtp", "imap", "trigger"):
+            if "ca_file" in probe.get(key, {}):
+                probe[key]["ca_file"] = str(base / probe[key]["ca_file"])
     if own_files:
         data["stores"]["live-files"]["prefix"] = f"live-{tag}/"
     if own_database:
