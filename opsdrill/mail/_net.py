@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
-from typing import Literal
+from typing import Any, Literal
 
 from opsdrill.errors import ConfigError, TargetUnreachable
 
@@ -84,3 +84,33 @@ def excerpt(data: bytes | str, limit: int = 300) -> str:
     text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class EndpointFields:
+    """``where`` and the evidence shared by the SMTP and IMAP endpoint dataclasses.
+
+    Never the password: evidence goes to Allure and into failure messages.
+    """
+
+    host: str
+    port: int
+    tls: str
+    user: str | None
+    ca_file: str | None
+    verify: bool
+    timeout: float
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def evidence(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "tls": self.tls,
+            "user": self.user,
+            "ca_file": self.ca_file,
+            "verify": self.verify,
+            "timeout_seconds": self.timeout,
+        }

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
 
 from imap_tools import BaseMailBox, MailBox, MailBoxStartTls, MailBoxUnencrypted
 from imap_tools.errors import (
@@ -28,7 +27,14 @@ from imap_tools.errors import (
     UnexpectedCommandStatusError,
 )
 
-from opsdrill.mail._net import TlsMode, check_tls_mode, excerpt, tls_context, unreachable
+from opsdrill.mail._net import (
+    EndpointFields,
+    TlsMode,
+    check_tls_mode,
+    excerpt,
+    tls_context,
+    unreachable,
+)
 from opsdrill.mail.errors import AuthRejected, ProbeFailed
 from opsdrill.mail.message import PROBE_HEADER
 
@@ -42,7 +48,7 @@ _NEW_RECORD = re.compile(rb"^\d+ \(")
 
 
 @dataclass(frozen=True)
-class ImapMailbox:
+class ImapMailbox(EndpointFields):
     """A mailbox the probe reads. ``password`` is never shown (repr, evidence, messages)."""
 
     host: str
@@ -55,23 +61,8 @@ class ImapMailbox:
     timeout: float = 10.0
 
     @property
-    def where(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
     def label(self) -> str:
         return f"{self.user} at {self.where}"
-
-    def evidence(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "port": self.port,
-            "tls": self.tls,
-            "user": self.user,
-            "ca_file": self.ca_file,
-            "verify": self.verify,
-            "timeout_seconds": self.timeout,
-        }
 
 
 @dataclass(frozen=True)

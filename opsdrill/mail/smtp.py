@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from opsdrill.mail._net import TlsMode, check_tls_mode, excerpt, tls_context, unreachable
+from opsdrill.mail._net import (
+    EndpointFields,
+    TlsMode,
+    check_tls_mode,
+    excerpt,
+    tls_context,
+    unreachable,
+)
 from opsdrill.mail.errors import AuthRejected, ProbeFailed
 from opsdrill.mail.message import ProbeMessage, bare_address, build_probe_message, new_token
 
@@ -30,7 +37,7 @@ _QUEUE_ID = re.compile(r"queued as ([A-Za-z0-9._-]+)", re.I)
 
 
 @dataclass(frozen=True)
-class SmtpEndpoint:
+class SmtpEndpoint(EndpointFields):
     """A submission server. ``password`` is never shown (repr, evidence, messages)."""
 
     host: str
@@ -44,21 +51,6 @@ class SmtpEndpoint:
     # EHLO name; the default avoids smtplib's getfqdn(), a reverse DNS lookup that can
     # hang for seconds on a machine without working DNS.
     helo: str | None = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def evidence(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "port": self.port,
-            "tls": self.tls,
-            "user": self.user,
-            "ca_file": self.ca_file,
-            "verify": self.verify,
-            "timeout_seconds": self.timeout,
-        }
 
 
 @dataclass(frozen=True)
