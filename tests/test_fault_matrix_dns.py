@@ -495,3 +495,25 @@ def test_migration_not_ready_without_the_new_provider_in_spf(env: Env, knot: Kno
         "expected mechanism 'include:_spf.relay-two.test'",
         "missing include:_spf.relay-two.test for provider relay-two",
     )
+
+
+def test_sending_ip_outside_every_authorised_range_fails_senders(
+    env: Env, knot: KnotServer
+) -> None:
+    # The provider moved its range and the domain no longer lists mx: 127.0.0.1 is out.
+    knot.set_records("relay-one.test", "_spf", "TXT", "v=spf1 ip4:192.0.2.0/24 -all")
+    knot.set_records(MAIN, "@", "TXT", "v=spf1 include:_spf.relay-one.test -all")
+    run = dns_checks(env, "check_dns_spf.py")
+    msg = assert_fails(run, "dns.spf.senders", f"dns:{MAIN}", "127.0.0.1")
+    assert "fail" in msg
+    assert_passes(run, "dns.spf.record", f"dns:{MAIN}")
+    assert_passes(run, "dns.spf.providers", f"dns:{MAIN}")
+
+
+def test_migration_without_dmarc_reports_fails_migration_dmarc(env: Env, knot: KnotServer) -> None:
+    open_migration(env)
+    env.rewrite(lambda d: d["sending_domains"][MAIN]["dmarc"].update(require_rua=False))
+    knot.set_records(MAIN, "_dmarc", "TXT", "v=DMARC1; p=reject; sp=reject; adkim=r; aspf=r")
+    run = dns_checks(env, "check_mail_migration.py", "check_dns_dmarc.py")
+    assert_fails(run, "migration.dmarc", f"dns:{MAIN}", "rua", "relay-one -> relay-two")
+    assert_passes(run, "dns.dmarc.reports", f"dns:{MAIN}")  # not required outside a migration
