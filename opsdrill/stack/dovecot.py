@@ -35,6 +35,7 @@ from opsdrill.stack.mail import (
 )
 from opsdrill.stack.procs import (
     chown_to,
+    find_binary,
     free_port,
     port_open,
     run,
@@ -139,12 +140,7 @@ if header :is "X-Spam-Flag" "YES" {{
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if not found:
-        raise RuntimeError(
-            f"{name} not found (fix: apt-get install dovecot-imapd dovecot-lmtpd dovecot-sieve)"
-        )
-    return found
+    return find_binary(name, "dovecot-imapd dovecot-lmtpd dovecot-sieve")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from opsdrill.stack.procs import pid_alive, stop_pid, wait_for
+from opsdrill.stack.procs import find_binary, pid_alive, stop_pid, wait_for
 
 TXT_STRING_MAX = 255  # bytes in one character-string (RFC 1035 3.3)
 # sockaddr_un.sun_path is 108 bytes with its NUL; stay clear of it.
@@ -146,10 +146,7 @@ def free_dns_port(tries: int = 50) -> int:
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if not found:
-        raise RuntimeError(f"{name} not found (fix: apt-get install knot knot-dnsutils)")
-    return found
+    return find_binary(name, "knot knot-dnsutils")
 
 
 @dataclass

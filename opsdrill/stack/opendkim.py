@@ -31,7 +31,7 @@ from opsdrill.stack.mail import (
     socket_dir,
     stop_process,
 )
-from opsdrill.stack.procs import wait_for
+from opsdrill.stack.procs import find_binary, wait_for
 
 START_TIMEOUT = 15.0
 # SIGTERM alone takes OpenDKIM ~5 s (it waits for its threads); nothing is lost by SIGKILL
@@ -58,10 +58,7 @@ AuthservID {authserv}
 
 
 def _binary() -> str:
-    found = shutil.which("opendkim") or shutil.which("opendkim", path="/usr/sbin:/sbin")
-    if not found:
-        raise RuntimeError("opendkim not found (fix: apt-get install opendkim opendkim-tools)")
-    return found
+    return find_binary("opendkim", "opendkim opendkim-tools")
 
 
 def signing_rows(dkim_dir: Path) -> list[tuple[str, str, str, Path]]:

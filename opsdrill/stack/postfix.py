@@ -24,7 +24,6 @@ import contextlib
 import grp
 import os
 import pwd
-import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
@@ -43,6 +42,7 @@ from opsdrill.stack.mail import (
 )
 from opsdrill.stack.procs import (
     chown_to,
+    find_binary,
     free_port,
     running_as_root,
     wait_for,
@@ -158,10 +158,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if not found:
-        raise RuntimeError(f"{name} not found (fix: apt-get install postfix)")
-    return found
+    return find_binary(name, "postfix")
 
 
 @dataclass

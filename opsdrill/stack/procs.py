@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,3 +104,11 @@ def run(argv: Sequence[str], what: str, timeout: float = 120, **kw: object) -> s
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return str(proc.stdout)
+
+
+def find_binary(name: str, packages: str) -> str:
+    """A daemon or tool's path; sbin too, which a non-login PATH (cron, CI) often lacks."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if not found:
+        raise RuntimeError(f"{name} not found (fix: apt-get install {packages})")
+    return found

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from opsdrill.stack.mail import PROBE, SENDER, gone, log_tail, stop_process, write_private
-from opsdrill.stack.procs import free_port, wait_for
+from opsdrill.stack.procs import find_binary, free_port, wait_for
 
 PASSWORD_ENV = "OPSDRILL_REDIS_PASSWORD"
 PREFIX = "bull"
@@ -56,10 +55,7 @@ databases 4
 
 
 def _binary() -> str:
-    found = shutil.which("redis-server")
-    if not found:
-        raise RuntimeError("redis-server not found (fix: apt-get install redis-server)")
-    return found
+    return find_binary("redis-server", "redis-server")
 
 
 def _now_ms() -> int:

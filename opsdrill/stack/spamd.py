@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import pwd
 import re
-import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from opsdrill.stack.mail import gone, log_tail, stop_process
-from opsdrill.stack.procs import chown_to, free_port, wait_for
+from opsdrill.stack.procs import chown_to, find_binary, free_port, wait_for
 
 RULES_DIR = Path("/usr/share/spamassassin")  # the packaged rules, never sa-update's
 SITE_DEFAULTS = Path("/etc/spamassassin")
@@ -46,10 +45,7 @@ lock_method flock
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if not found:
-        raise RuntimeError(f"{name} not found (fix: apt-get install spamassassin spamc spamd)")
-    return found
+    return find_binary(name, "spamassassin spamc spamd")
 
 
 def _run_as() -> str:
