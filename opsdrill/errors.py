@@ -2,7 +2,8 @@
 
 - ``ConfigError``: the inventory or the command line is wrong (exit 2).
 - ``TargetUnreachable``: a server could not be reached; a check that hits this is
-  *broken*, not *failed* (exit 2).
+  *broken*, not *failed* (exit 2). ``CredentialsRejected`` is its kind for a server that
+  answered but refused opsdrill's *own* credentials: opsdrill could not judge either.
 - ``OperationFailed``: an operation ran and failed at a named stage (exit 1).
 """
 
@@ -30,6 +31,15 @@ class ConfigError(OpsdrillError):
 
 class TargetUnreachable(OpsdrillError):
     exit_code = 2
+
+
+class CredentialsRejected(TargetUnreachable):
+    """A server refused opsdrill's own credentials (the backup role's password, the S3 key,
+    the probe mailbox's password, the drill key's passphrase).
+
+    Not a verdict on the target: opsdrill could not look, so a check is *broken* and the
+    message names the inventory key and the environment variable to fix (exit 2).
+    """
 
 
 class OperationFailed(OpsdrillError):

@@ -174,6 +174,8 @@ class Inventory:
     model: InventoryModel
     # The environment secrets are read from: env_file values under the process environment.
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # The variables the env_file supplied (the process environment wins over the file).
+    from_env_file: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
     def secret(self, var: str) -> str:
         """The value of a secret environment variable (registered for redaction)."""
@@ -183,6 +185,17 @@ class Inventory:
             raise ConfigError(
                 f"environment variable {var} is not set (fix: export {var}=...)"
             ) from None
+
+    def secret_setting(self, key: str, var: str) -> str:
+        """Where a secret comes from, for a message that says what to fix:
+        ``databases.crm.password_env = CRM_DB_PASSWORD, set in env_file /etc/x.env``."""
+        if var in self.from_env_file and self.model.env_file:
+            origin = f"set in env_file {self.resolve_path(self.model.env_file)}"
+        elif var in self.env:
+            origin = "set in the environment"
+        else:
+            origin = "not set"
+        return f"{key} = {var}, {origin}"
 
     @property
     def name(self) -> str:
@@ -407,6 +420,7 @@ def load(
     problems = _cross_checks(p, model)
     inv = Inventory(path=p.resolve(), model=model)
     env = dict(os.environ if environ is None else environ)
+    from_file: set[str] = set()
     if model.env_file:
         env_path = inv.resolve_path(model.env_file)
         if not env_path.is_file():
@@ -415,7 +429,9 @@ def load(
             )
         else:
             for key, value in read_env_file(env_path).items():
-                env.setdefault(key, value)
+                if key not in env:
+                    env[key] = value
+                    from_file.add(key)
     for key, var, scopes in _env_refs(model):
         if scope not in scopes:
             continue
@@ -435,7 +451,7 @@ def load(
             problems.append(f"{p}: {label}: file {file} is empty (fix: export the key into it)")
     if problems:
         raise ConfigError("\n".join(problems))
-    return Inventory(path=inv.path, model=model, env=env)
+    return Inventory(path=inv.path, model=model, env=env, from_env_file=frozenset(from_file))
 
 
 def _file_refs(model: InventoryModel) -> list[tuple[str, str, frozenset[str]]]:
