@@ -26,7 +26,7 @@ from opsdrill.errors import OperationFailed, OpsdrillError
 from opsdrill.gpg import GpgHome
 from opsdrill.inventory import Database, Inventory
 from opsdrill.manifest import Manifest
-from opsdrill.pg import Endpoint, collect_stats, server_info
+from opsdrill.pg import Endpoint, collect_stats, database_endpoint, server_info
 from opsdrill.pipeline import HashingReader, Pipeline, Stage
 from opsdrill.progress import Progress
 from opsdrill.s3 import PART_SIZE, client
@@ -43,9 +43,7 @@ COMPRESSORS = {
 
 
 def live_endpoint(inv: Inventory, name: str) -> Endpoint:
-    db = inv.database(name)
-    password = inv.secret(db.password_env) if db.password_env else None
-    return Endpoint.from_dsn(f"database {name}", db.dsn, password)
+    return database_endpoint(inv, name)
 
 
 def tool_versions(names: list[str]) -> dict[str, str]:

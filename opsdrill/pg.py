@@ -15,7 +15,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from opsdrill.errors import ConfigError, TargetUnreachable
+from opsdrill.errors import ConfigError, CredentialsRejected, TargetUnreachable
+from opsdrill.inventory import Inventory
 
 CONNECT_TIMEOUT = 10
 # Make row::text deterministic across sessions so content hashes compare.
@@ -32,19 +33,40 @@ class Endpoint:
     label: str
     params: dict[str, Any]
     password: str | None = field(default=None, repr=False)
+    # What to fix when it fails, in the operator's words: the inventory keys (or command
+    # line options) that say where the server is, and where the password comes from.
+    settings: str = ""
+    credentials: str = ""
 
     @classmethod
-    def from_dsn(cls, label: str, dsn: str, password: str | None) -> Endpoint:
+    def from_dsn(
+        cls,
+        label: str,
+        dsn: str,
+        password: str | None,
+        *,
+        settings: str = "",
+        credentials: str = "",
+    ) -> Endpoint:
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError:
-            raise ConfigError(f"{label}: invalid DSN (check host, port, dbname syntax)") from None
+            raise ConfigError(
+                f"{label}: invalid DSN (check host, port, dbname syntax"
+                + (f" of {settings})" if settings else ")")
+            ) from None
         params.pop("password", None)
         params.setdefault("connect_timeout", CONNECT_TIMEOUT)
-        return cls(label, params, password)
+        return cls(label, params, password, settings, credentials)
 
     def with_dbname(self, dbname: str) -> Endpoint:
-        return Endpoint(self.label, {**self.params, "dbname": dbname}, self.password)
+        return Endpoint(
+            self.label,
+            {**self.params, "dbname": dbname},
+            self.password,
+            self.settings,
+            self.credentials,
+        )
 
     @property
     def dbname(self) -> str:
@@ -61,11 +83,23 @@ class Endpoint:
         try:
             conn = psycopg.connect(**self.params, password=self.password, **kw)
         except psycopg.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TargetUnreachable(
-                f"{self.label} ({self.where}): cannot connect: {first}"
-            ) from None
+            raise self.connect_error(exc) from None
         return conn
+
+    def connect_error(self, exc: BaseException) -> TargetUnreachable:
+        """Why connecting failed, naming what to fix: our credentials refused, or the
+        server not reached. Neither says anything about the database's contents."""
+        text = str(exc).strip()
+        first = _last_fatal(text) or type(exc).__name__
+        user = self.params.get("user", "the default user")
+        if refuses_us(text):
+            fix = self.credentials or self.settings
+            return CredentialsRejected(
+                f"{self.label} ({self.where}) refused opsdrill's login as {user}: {first}"
+                + (f" (fix: check {fix})" if fix else "")
+            )
+        fix = f" (fix: check {self.settings} and that the server is up)" if self.settings else ""
+        return TargetUnreachable(f"{self.label} ({self.where}): cannot connect: {first}{fix}")
 
     def libpq_env(self) -> dict[str, str]:
         """Environment for libpq client tools (pg_dump, pg_restore, psql)."""
@@ -94,6 +128,65 @@ class Endpoint:
         if self.password:
             env["PGPASSWORD"] = self.password
         return env
+
+
+def database_endpoint(inv: Inventory, name: str) -> Endpoint:
+    """The live server of ``[databases.NAME]``, knowing which inventory keys to blame."""
+    db = inv.database(name)
+    key = f"databases.{name}"
+    return Endpoint.from_dsn(
+        f"database {name}",
+        db.dsn,
+        inv.secret(db.password_env) if db.password_env else None,
+        settings=f"{key}.dsn",
+        credentials=_credentials(inv, key, db.password_env),
+    )
+
+
+def sandbox_endpoint_of(inv: Inventory, name: str, dsn: str, password_env: str | None) -> Endpoint:
+    key = f"databases.{name}.sandbox"
+    return Endpoint.from_dsn(
+        f"sandbox for {name}",
+        dsn,
+        inv.secret(password_env) if password_env else None,
+        settings=f"{key}.dsn",
+        credentials=_credentials(inv, key, password_env),
+    )
+
+
+def _credentials(inv: Inventory, key: str, password_env: str | None) -> str:
+    if password_env:
+        setting = inv.secret_setting(f"{key}.password_env", password_env)
+        return f"the user in {key}.dsn and its password, {setting}"
+    return f"the user in {key}.dsn ({key}.password_env is not set: no password is sent)"
+
+
+# libpq's words for "the server is up and does not accept this login": a wrong or missing
+# password, an unknown role, pg_hba.conf, no CONNECT privilege. (libpq exposes no SQLSTATE
+# for a failed connection attempt, so the text is all there is.)
+_REFUSED = (
+    "password authentication failed",
+    "no password supplied",
+    "authentication failed",
+    "pg_hba.conf",
+    "permission denied for database",
+    "must be superuser",
+    'role "',
+)
+
+
+def refuses_us(text: str) -> bool:
+    lowered = text.lower()
+    return any(r in lowered for r in _REFUSED)
+
+
+def _last_fatal(text: str) -> str:
+    """libpq's message: prefer the server's FATAL line over the connection preamble."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in lines:
+        if "FATAL:" in line:
+            return line[line.index("FATAL:") :][:300]
+    return lines[0][:300] if lines else ""
 
 
 @dataclass

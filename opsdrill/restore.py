@@ -38,7 +38,13 @@ from opsdrill.errors import (
 from opsdrill.gpg import GpgHome
 from opsdrill.inventory import Inventory
 from opsdrill.manifest import Comparison, Drift, Manifest, compare, drift
-from opsdrill.pg import Endpoint, SnapshotStats, collect_stats, server_info
+from opsdrill.pg import (
+    Endpoint,
+    SnapshotStats,
+    collect_stats,
+    sandbox_endpoint_of,
+    server_info,
+)
 from opsdrill.pipeline import Pipeline, Stage
 from opsdrill.progress import Progress
 from opsdrill.s3 import client
@@ -87,9 +93,8 @@ def sandbox_endpoint(inv: Inventory, name: str) -> tuple[Endpoint, float]:
             f"{inv.path}: databases.{name}.sandbox: missing (fix: add a [databases.{name}."
             "sandbox] with the dsn of a throwaway server for drills)"
         )
-    password = inv.secret(db.sandbox.password_env) if db.sandbox.password_env else None
     return (
-        Endpoint.from_dsn(f"sandbox for {name}", db.sandbox.dsn, password),
+        sandbox_endpoint_of(inv, name, db.sandbox.dsn, db.sandbox.password_env),
         db.sandbox.max_shrink_percent,
     )
 

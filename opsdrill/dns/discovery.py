@@ -22,7 +22,7 @@ import psycopg
 from opsdrill.errors import ConfigError, TargetUnreachable
 from opsdrill.inventory import Inventory
 from opsdrill.inventory_mail import normalise_domain
-from opsdrill.pg import Endpoint
+from opsdrill.pg import database_endpoint
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 # A sending-domain query returns a handful of rows; more means the query is wrong.
@@ -74,9 +74,7 @@ def discover_sending_domains(
     cfg = inv.model.sending_domain_discovery
     if cfg is None:
         raise ConfigError(f"{inv.path}: no [sending_domain_discovery] section")
-    db = inv.database(cfg.database)
-    password = inv.secret(db.password_env) if db.password_env else None
-    endpoint = Endpoint.from_dsn(f"database {cfg.database}", db.dsn, password)
+    endpoint = database_endpoint(inv, cfg.database)
     label = f"sending_domain_discovery on {endpoint.where}"
     with endpoint.connect(autocommit=False) as conn:
         conn.read_only = True
