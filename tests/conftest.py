@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from opsdrill.manifest import Manifest
 from opsdrill.s3 import client
 from opsdrill.stack import LocalStack
 from opsdrill.stack.gnupg_keys import Keypair, generate_keypair
+from tests.registry import MARK
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,6 +92,16 @@ class Env:
         mutate(self.data)
         self.path.write_text(tomli_w.dumps(self.data))
         return self
+
+    def with_secret(self, tmp_path: Path, var: str, value: str) -> Env:
+        """Point the inventory at a copy of its env_file where ``var`` holds ``value``
+        (a rotated password, a wrong key): what a real host's stale file looks like."""
+        values = read_env_file(Path(self.data["env_file"]))
+        values[var] = value
+        copy = tmp_path / f"secrets-{uuid.uuid4().hex[:6]}.env"
+        copy.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        copy.chmod(0o600)
+        return self.rewrite(lambda d: d.update(env_file=str(copy)))
 
     @contextlib.contextmanager
     def encrypting_to_another_key(self, tmp_path: Path) -> Iterator[Keypair]:
@@ -190,6 +202,16 @@ def env(stack: Stack, tmp_path: Path) -> Env:
     return derive(stack, tmp_path)
 
 
+# The word pytest prints for each test with -v, alone or under xdist ("[gw0] [ 50%] WORD id").
+_VERBOSE = re.compile(
+    r"^(?:\[gw\d+\] \[\s*\d+%\] (?P<w1>[A-Z]+) (?P<n1>\S+::\S+)"
+    r"|(?P<n2>\S+::\S+) (?P<w2>[A-Z]+)(?:\s+\[\s*\d+%\])?)\s*$",
+    re.M,
+)
+_SUMMARY = re.compile(r"^=+ (?P<counts>(?:\d+ \w+(?:, )?)+) in [\d.]+s", re.M)
+RUNS: list[CheckRun] = []  # the check runs of the test in progress (see _verify_claims)
+
+
 @dataclass
 class CheckRun:
     returncode: int
@@ -197,10 +219,12 @@ class CheckRun:
     results: list[dict[str, Any]]
     results_dir: Path
 
-    def by_check(self, check_id: str) -> dict[str, Any]:
+    def by_check(self, check_id: str, target: str | None = None) -> dict[str, Any]:
         for res in self.results:
             labels = {(lab["name"], lab["value"]) for lab in res.get("labels", [])}
-            if ("check_id", check_id) in labels:
+            if ("check_id", check_id) in labels and (
+                target is None or ("target", target) in labels
+            ):
                 return res
         names = [r["name"] for r in self.results]
         raise AssertionError(f"no result for {check_id}; got {names}\n{self.output[-3000:]}")
@@ -211,6 +235,52 @@ class CheckRun:
     def message(self, check_id: str) -> str:
         return str(self.by_check(check_id).get("statusDetails", {}).get("message", ""))
 
+    def statuses(self, check_id: str) -> set[str]:
+        """Every Allure status this check id has in the run (one per target)."""
+        return {
+            str(res["status"])
+            for res in self.results
+            if {"name": "check_id", "value": check_id} in res.get("labels", [])
+        }
+
+    def terminal(self, check_id: str, target: str | None = None) -> str:
+        """The word pytest printed for this check in the terminal (needs -v: run_checks
+        passes it): PASSED, FAILED, BROKEN, SKIPPED."""
+        res = self.by_check(check_id, target)
+        labels = {lab["name"]: lab["value"] for lab in res.get("labels", [])}
+        module, func = str(res["fullName"]).rsplit("#", 1)
+        nodeid = f"{module.replace('.', '/')}.py::{func}"
+        words = {m["n1"] or m["n2"]: m["w1"] or m["w2"] for m in _VERBOSE.finditer(self.output)}
+        want = f"{nodeid}[{labels['target']}]" if "target" in labels else nodeid
+        for node, word in words.items():
+            # nodeids are relative to the rootdir, or to the cwd outside it: compare the tail
+            path = node if node.startswith(module.split(".")[0]) else node.split("/")[-1]
+            if path == want or (path.startswith(nodeid) and "target" not in labels):
+                return word
+        raise AssertionError(f"no terminal line for {want}\n{self.output[-3000:]}")
+
+    @property
+    def summary(self) -> dict[str, int]:
+        """pytest's last line, "1 failed, 2 broken, 3 passed in 4.0s", as counts."""
+        found = list(_SUMMARY.finditer(self.output))
+        if not found:
+            raise AssertionError(f"no summary line\n{self.output[-3000:]}")
+        pairs = (part.split(" ", 1) for part in found[-1]["counts"].split(", "))
+        return {word: int(n) for n, word in pairs}
+
+    def assert_outcome(self, check_id: str, status: str, *, exit_code: int | None = None) -> None:
+        """The same outcome everywhere an operator looks: Allure, the terminal's word and
+        summary line, and (when given) the process exit code."""
+        res = self.by_check(check_id)
+        assert res["status"] == status, f"{check_id} is {res['status']}: {self.message(check_id)}"
+        word = {"passed": "PASSED", "failed": "FAILED", "broken": "BROKEN", "skipped": "SKIPPED"}
+        assert self.terminal(check_id) == word[status], self.output[-3000:]
+        assert self.summary.get(status, 0) >= 1, (self.summary, self.output[-2000:])
+        if status == "broken":
+            assert "failed" not in self.summary or self.returncode == 1, self.summary
+        if exit_code is not None:
+            assert self.returncode == exit_code, (self.returncode, self.output[-3000:])
+
     def assert_fails(self, check_id: str, *fragments: str) -> str:
         res = self.by_check(check_id)
         msg = self.message(check_id)
@@ -218,6 +288,14 @@ class CheckRun:
         for fragment in fragments:
             assert fragment in msg, f"{fragment!r} not in {check_id} message: {msg}"
         assert "runbook: docs/runbooks/" in msg
+        return msg
+
+    def assert_broken(self, check_id: str, *fragments: str) -> str:
+        res = self.by_check(check_id)
+        msg = self.message(check_id)
+        assert res["status"] == "broken", f"{check_id} is {res['status']}: {msg}"
+        for fragment in fragments:
+            assert fragment in msg, f"{fragment!r} not in {check_id} message: {msg}"
         return msg
 
     def assert_passes(self, check_id: str) -> None:
@@ -240,17 +318,52 @@ def run_checks(
         str(inventory),
         "-p",
         "no:cacheprovider",
-        "-q",
+        "-v",
+        "-ra",
         "--alluredir",
         str(results_dir),
         "-o",
         "addopts=",
         *extra,
     ]
+    return run_pytest(argv, results_dir)
+
+
+def run_pytest(argv: list[str], results_dir: Path, cwd: Path = ROOT) -> CheckRun:
+    """Run ``argv`` (a pytest command line writing Allure results to ``results_dir``) in a
+    clean environment and read what it produced."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "OPSDRILL_"))}
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     results = [json.loads(p.read_text()) for p in results_dir.glob("*-result.json")]
-    return CheckRun(proc.returncode, proc.stdout + proc.stderr, results, results_dir)
+    run = CheckRun(proc.returncode, proc.stdout + proc.stderr, results, results_dir)
+    RUNS.append(run)
+    return run
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    report = yield
+    if report.when == "call" and report.failed:
+        item.rep_call_failed = True  # type: ignore[attr-defined]
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _verify_claims(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked ``@proves(failed=..., broken=...)`` (tests/registry.py) must really
+    show each claimed check id with that Allure status in one of its check runs."""
+    RUNS.clear()
+    yield
+    marker = request.node.get_closest_marker(MARK)
+    if marker is None or getattr(request.node, "rep_call_failed", False):
+        return
+    missing = [
+        f"{check_id} {status}"
+        for status in ("failed", "broken")
+        for check_id in marker.kwargs.get(status, ())
+        if not any(status in run.statuses(check_id) for run in RUNS)
+    ]
+    assert not missing, f"{request.node.nodeid} claims what its check runs do not show: {missing}"
 
 
 def opsdrill(
