@@ -7,6 +7,7 @@ import pytest
 
 from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json
 from fixtures.targets import PgBackupTarget
+from opsdrill.errors import OperationFailed
 
 COMPLETENESS = Check(
     "pg.backup.completeness",
@@ -33,7 +34,14 @@ def check_newest_backup_is_complete_and_intact(pg_target: PgBackupTarget) -> Non
         )
     if newest.data_key is None:
         COMPLETENESS.fail(pg_target.id, f"backup {newest.id} has a manifest but no data object")
-    manifest = pg_target.manifest(newest)
+    try:
+        manifest = pg_target.manifest(newest)
+    except OperationFailed as exc:  # read, and not a manifest: the backup is bad
+        COMPLETENESS.fail(
+            pg_target.id,
+            f"backup {newest.id}: expected a readable manifest, found {exc.message} "
+            "(a backup without a valid manifest cannot be verified or trusted)",
+        )
     attach_json("manifest summary", manifest.summary())
     attach_json("object metadata", pg_target.object_metadata(newest))
     size, sha256 = pg_target.object_digest(newest)

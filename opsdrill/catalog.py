@@ -15,8 +15,9 @@ from typing import Any
 
 from minio import Minio
 
+from opsdrill.errors import OperationFailed
 from opsdrill.inventory import Store
-from opsdrill.manifest import Manifest
+from opsdrill.manifest import Manifest, ManifestInvalid
 
 TS_FORMAT = "%Y%m%dT%H%M%SZ"
 _KEY = re.compile(
@@ -24,6 +25,7 @@ _KEY = re.compile(
     r"(?P<suffix>\.manifest\.json|\.dump(?:\.zst|\.gz)?(?:\.gpg)?)$"
 )
 MANIFEST_SUFFIX = ".manifest.json"
+MAX_MANIFEST = 16 * 1024 * 1024
 
 
 @dataclass
@@ -118,16 +120,27 @@ def list_backups(client: Minio, store: Store, database: str) -> list[BackupRef]:
 
 
 def read_manifest(client: Minio, store: Store, ref: BackupRef) -> Manifest:
-    assert ref.manifest_key is not None
+    """The manifest of ``ref``. A store that cannot be read raises its own errors; a
+    manifest that was read but is not one (empty, truncated, not JSON, another format,
+    fields missing) raises ``OperationFailed``: the backup is bad, not the store down."""
+    if ref.manifest_key is None:
+        raise OperationFailed("manifest", f"backup {ref.id} has no manifest")
     response = client.get_object(store.bucket, ref.manifest_key)
     try:
-        raw = response.read(16 * 1024 * 1024 + 1)
+        raw = response.read(MAX_MANIFEST + 1)
     finally:
         response.close()
         response.release_conn()
-    if len(raw) > 16 * 1024 * 1024:
-        raise ValueError(f"manifest {ref.manifest_key} is larger than 16 MiB")
-    return Manifest.from_json(raw)
+    if len(raw) > MAX_MANIFEST:
+        raise OperationFailed(
+            "manifest", f"{ref.manifest_key} is larger than {MAX_MANIFEST // 2**20} MiB"
+        )
+    try:
+        return Manifest.from_json(raw)
+    except ManifestInvalid as exc:
+        raise OperationFailed(
+            "manifest", f"{ref.manifest_key} is not a valid manifest: {exc}"
+        ) from None
 
 
 def latest_complete(refs: list[BackupRef]) -> BackupRef | None:

@@ -7,6 +7,7 @@ demand an exact match instead of "it restored without errors".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -15,6 +16,10 @@ from typing import Any
 from opsdrill.pg import SnapshotStats
 
 FORMAT = "opsdrill-backup-manifest/1"
+
+
+class ManifestInvalid(ValueError):
+    """The bytes are not a manifest this version can trust."""
 
 
 @dataclass
@@ -37,9 +42,37 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
-        data = json.loads(raw)
+        """Parse and check the shape every reader relies on; ``ManifestInvalid`` names
+        what is wrong (an empty, truncated or foreign file is a bad backup)."""
+        if not raw.strip():
+            raise ManifestInvalid("it is empty")
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestInvalid(f"not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ManifestInvalid(f"expected a JSON object, found {type(data).__name__}")
         if data.get("format") != FORMAT:
-            raise ValueError(f"unknown manifest format {data.get('format')!r}")
+            raise ManifestInvalid(f"unknown format {str(data.get('format'))[:80]!r}")
+        required = [
+            k for k, f in cls.__dataclass_fields__.items() if f.default is dataclasses.MISSING
+        ]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ManifestInvalid(f"fields missing: {', '.join(missing)}")
+        for key in ("object", "server", "tools", "tables", "sequences", "large_objects"):
+            if not isinstance(data[key], dict):
+                raise ManifestInvalid(f"{key}: expected an object")
+        obj = data["object"]
+        if not isinstance(obj.get("size"), int) or not isinstance(obj.get("sha256"), str):
+            raise ManifestInvalid("object.size and object.sha256 are missing or malformed")
+        bad = [
+            t
+            for t, v in data["tables"].items()
+            if not isinstance(v, dict) or not isinstance(v.get("rows"), int)
+        ]
+        if bad:
+            raise ManifestInvalid(f"tables without a row count: {', '.join(sorted(bad)[:5])}")
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     @property
