@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.conftest import Env, Stack, derive
 from tests.history import plant_history
+from tests.registry import proves
 
 ALL_BACKUP_CHECKS = [
     "pg.backup.freshness",
@@ -68,12 +69,14 @@ def test_healthy_targets_pass_every_check_with_labels(stack: Stack, tmp_path: Pa
     assert run.returncode == 0, run.output[-2000:]
 
 
+@proves(failed=["pg.backup.freshness"])
 def test_stale_backup_fails_freshness(env: Env) -> None:
     env.backup(now=datetime.now(UTC) - timedelta(hours=3))
     run = env.run_checks("check_pg_freshness.py")
     run.assert_fails("pg.backup.freshness", "pg:crm", "younger than 60 min (RPO)", "min old")
 
 
+@proves(failed=["pg.backup.completeness", "pg.backup.freshness"])
 def test_missing_manifest_fails_completeness_and_freshness(env: Env) -> None:
     env.backup()
     ref = env.refs()[-1]
@@ -84,6 +87,7 @@ def test_missing_manifest_fails_completeness_and_freshness(env: Env) -> None:
     run.assert_fails("pg.backup.freshness", "no complete backup", "1 incomplete")
 
 
+@proves(failed=["pg.backup.completeness", "pg.drill.restore"])
 def test_truncated_object_fails_completeness_and_drill(env: Env) -> None:
     env.backup()
     ref = env.refs()[-1]
@@ -94,6 +98,7 @@ def test_truncated_object_fails_completeness_and_drill(env: Env) -> None:
     run.assert_fails("pg.drill.restore", "drill failed at verify", "truncated")
 
 
+@proves(failed=["pg.backup.completeness"])
 def test_flipped_byte_fails_completeness(env: Env) -> None:
     env.backup()
     ref = env.refs()[-1]
@@ -104,6 +109,7 @@ def test_flipped_byte_fails_completeness(env: Env) -> None:
     run.assert_fails("pg.backup.completeness", "expected sha256", "object corrupted")
 
 
+@proves(failed=["pg.backup.encryption"])
 def test_unencrypted_object_fails_encryption(env: Env) -> None:
     env.rewrite(lambda d: d["databases"]["crm"].update(encrypt=False))
     env.backup()
@@ -112,6 +118,7 @@ def test_unencrypted_object_fails_encryption(env: Env) -> None:
     run.assert_fails("pg.backup.encryption", "expected OpenPGP, found zstd", "unencrypted")
 
 
+@proves(failed=["pg.backup.encryption"])
 def test_wrong_recipient_fails_encryption(env: Env, tmp_path: Path) -> None:
     expected = env.data["gpg"]["recipients"][0]
     with env.encrypting_to_another_key(tmp_path):
@@ -120,6 +127,7 @@ def test_wrong_recipient_fails_encryption(env: Env, tmp_path: Path) -> None:
     run.assert_fails("pg.backup.encryption", "expected recipients", expected, "unexpected:")
 
 
+@proves(failed=["pg.drill.drift"])
 def test_rows_deleted_after_backup_fail_drift(stack: Stack, tmp_path: Path) -> None:
     env = derive(stack, tmp_path, own_database=True)
     env.backup()
@@ -131,6 +139,7 @@ def test_rows_deleted_after_backup_fail_drift(stack: Stack, tmp_path: Path) -> N
     run.assert_fails("pg.drill.drift", '"Sales Ops"."Order Lines"', "fewer; tolerance 10%")
 
 
+@proves(failed=["pg.drill.restore"])
 def test_row_missing_from_dump_fails_drill_manifest_match(stack: Stack, tmp_path: Path) -> None:
     """The dump lacks a row the manifest counted: completeness passes, the drill must not."""
     env = derive(stack, tmp_path, own_database=True)
@@ -161,6 +170,7 @@ def test_row_missing_from_dump_fails_drill_manifest_match(stack: Stack, tmp_path
     )
 
 
+@proves(failed=["pg.drill.rto"])
 def test_drill_over_rto_fails(env: Env) -> None:
     env.backup()
     env.rewrite(lambda d: d["databases"]["crm"].update(rto_minutes=0.0001))
@@ -168,6 +178,7 @@ def test_drill_over_rto_fails(env: Env) -> None:
     run.assert_fails("pg.drill.rto", "expected the drill within", "(RTO)")
 
 
+@proves(failed=["pg.drill.sandbox_guard", "pg.drill.restore"])
 def test_sandbox_pointing_at_live_is_refused(env: Env) -> None:
     env.backup()
     live = env.data["databases"]["crm"]
@@ -181,6 +192,7 @@ def test_sandbox_pointing_at_live_is_refused(env: Env) -> None:
     run.assert_fails("pg.drill.restore", "drill refused")
 
 
+@proves(failed=["pg.backup.retention"])
 def test_retention_gap_fails_retention(env: Env) -> None:
     now = datetime.now(UTC)
     env.backup(now=now)
@@ -190,6 +202,7 @@ def test_retention_gap_fails_retention(env: Env) -> None:
     run.assert_fails("pg.backup.retention", "missing_hour", f"{gap:%Y-%m-%dT%H}:00Z")
 
 
+@proves(failed=["pg.backup.retention"])
 def test_retention_over_keeping_fails_retention(env: Env) -> None:
     now = datetime.now(UTC)
     env.backup(now=now)
@@ -209,6 +222,7 @@ def test_healthy_history_passes_retention_and_prune_keeps_it(env: Env) -> None:
     run.assert_passes("pg.backup.retention")
 
 
+@proves(broken=["pg.backup.freshness"])
 def test_unreachable_store_is_broken_not_failed(env: Env) -> None:
     from opsdrill.stack.procs import free_port
 

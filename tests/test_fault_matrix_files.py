@@ -15,6 +15,7 @@ from minio.versioningconfig import SUSPENDED, VersioningConfig
 from opsdrill.envbundle import backup_bundle
 from opsdrill.mirror import run_mirror
 from tests.conftest import Env, Stack, derive
+from tests.registry import proves
 
 FILE_CHECKS = [
     "files.mirror.parity",
@@ -48,6 +49,7 @@ def test_healthy_mirror_and_bundle_pass_every_check(stack: Stack, tmp_path: Path
     assert "mirror:files" in run.output or run.returncode == 0
 
 
+@proves(failed=["files.mirror.parity"])
 def test_live_file_missing_off_site_fails_parity(stack: Stack, tmp_path: Path) -> None:
     env = mirrored(stack, tmp_path)
     s3, st = env.store("offsite-files")
@@ -56,6 +58,7 @@ def test_live_file_missing_off_site_fails_parity(stack: Stack, tmp_path: Path) -
     run.assert_fails("files.mirror.parity", "mirror:files", "1 missing", "docs/file-003.txt")
 
 
+@proves(failed=["files.mirror.parity"])
 def test_off_site_file_with_different_bytes_fails_parity(stack: Stack, tmp_path: Path) -> None:
     env = mirrored(stack, tmp_path)
     env.put("offsite-files", "docs/file-005.txt", b"silently corrupted off-site copy\n")
@@ -63,6 +66,7 @@ def test_off_site_file_with_different_bytes_fails_parity(stack: Stack, tmp_path:
     run.assert_fails("files.mirror.parity", "1 differing", "docs/file-005.txt")
 
 
+@proves(failed=["files.mirror.lag"])
 def test_unmirrored_file_older_than_rpo_fails_lag(stack: Stack, tmp_path: Path) -> None:
     env = mirrored(stack, tmp_path)
     env.put("live-files", "docs/new-upload.txt", b"uploaded after the last mirror run\n")
@@ -71,6 +75,7 @@ def test_unmirrored_file_older_than_rpo_fails_lag(stack: Stack, tmp_path: Path) 
     run.assert_fails("files.mirror.lag", "1 not mirrored", "docs/new-upload.txt")
 
 
+@proves(failed=["files.mirror.delete_protection"])
 def test_mirror_that_propagates_deletes_fails_delete_protection(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -85,6 +90,7 @@ def test_mirror_that_propagates_deletes_fails_delete_protection(
     run.assert_passes("files.mirror.overwrite_protection")
 
 
+@proves(failed=["files.mirror.overwrite_protection"])
 def test_target_without_versioning_fails_overwrite_protection(stack: Stack, tmp_path: Path) -> None:
     env = mirrored(stack, tmp_path)
     s3, st = env.store("offsite-files")
@@ -98,12 +104,14 @@ def test_target_without_versioning_fails_overwrite_protection(stack: Stack, tmp_
     )
 
 
+@proves(failed=["secrets.bundle.freshness"])
 def test_stale_bundle_fails_freshness(env: Env) -> None:
     backup_bundle(env.inv, "app", now=datetime.now(UTC) - timedelta(days=3))
     run = env.run_checks("check_secrets_bundle.py")
     run.assert_fails("secrets.bundle.freshness", "secrets:app", "younger than 1440 min")
 
 
+@proves(failed=["secrets.bundle.encryption_key"])
 def test_rotated_encryption_key_fails_loudly(env: Env) -> None:
     backup_bundle(env.inv, "app")
     app_env = Path(env.data["secrets"]["app"]["env_file"])
@@ -118,6 +126,7 @@ def test_rotated_encryption_key_fails_loudly(env: Env) -> None:
     assert rotated not in msg and rotated not in run.output
 
 
+@proves(failed=["secrets.bundle.decrypts"])
 def test_bundle_encrypted_to_wrong_key_fails_decrypts(env: Env, tmp_path: Path) -> None:
     with env.encrypting_to_another_key(tmp_path) as other:
         backup_bundle(env.inv, "app")
@@ -125,6 +134,7 @@ def test_bundle_encrypted_to_wrong_key_fails_decrypts(env: Env, tmp_path: Path) 
     run.assert_fails("secrets.bundle.decrypts", "decrypt", other.fingerprint)
 
 
+@proves(failed=["secrets.bundle.required_keys"])
 def test_missing_required_key_fails(env: Env) -> None:
     env.rewrite(
         lambda d: d["secrets"]["app"].update(
@@ -136,6 +146,7 @@ def test_missing_required_key_fails(env: Env) -> None:
     run.assert_fails("secrets.bundle.required_keys", "missing ['S3_SECRET_KEY']")
 
 
+@proves(broken=["secrets.bundle.encryption_key"])
 def test_unreadable_live_env_is_broken(env: Env) -> None:
     backup_bundle(env.inv, "app")
 
@@ -147,3 +158,38 @@ def test_unreadable_live_env_is_broken(env: Env) -> None:
     run = env.run_checks("check_secrets_bundle.py")
     assert run.status("secrets.bundle.encryption_key") == "broken"
     assert "false" in run.message("secrets.bundle.encryption_key")
+
+
+def _dead_endpoint(env: Env, store: str) -> int:
+    from opsdrill.stack.procs import free_port
+
+    port = free_port()
+    env.rewrite(
+        lambda d: d["stores"][store].update(endpoint=f"127.0.0.1:{port}", timeout_seconds=2.0)
+    )
+    return port
+
+
+@proves(broken=FILE_CHECKS)
+def test_an_off_site_store_that_does_not_answer_breaks_every_mirror_check(
+    stack: Stack, tmp_path: Path
+) -> None:
+    env = mirrored(stack, tmp_path, files=3)
+    port = _dead_endpoint(env, "offsite-files")
+    run = env.run_checks("check_files_mirror.py", "check_files_protection.py")
+    for check_id in FILE_CHECKS:
+        run.assert_outcome(check_id, "broken", exit_code=2)
+        msg = run.message(check_id)
+        assert f"store offsite-files (http://127.0.0.1:{port}/" in msg, msg
+        assert "fix: check stores.offsite-files.endpoint" in msg, msg
+
+
+@proves(broken=SECRET_CHECKS)
+def test_a_bundle_store_that_does_not_answer_breaks_every_bundle_check(env: Env) -> None:
+    backup_bundle(env.inv, "app")
+    store = env.data["secrets"]["app"]["store"]
+    port = _dead_endpoint(env, store)
+    run = env.run_checks("check_secrets_bundle.py")
+    for check_id in SECRET_CHECKS:
+        run.assert_outcome(check_id, "broken", exit_code=2)
+        assert f"store {store} (http://127.0.0.1:{port}/" in run.message(check_id)

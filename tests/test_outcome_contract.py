@@ -299,3 +299,37 @@ def test_a_corrupt_manifest_fails_the_backup_it_never_breaks_the_check(
     )
     run.assert_outcome("pg.drill.restore", "failed")
     run.assert_fails("pg.drill.restore", "drill failed at manifest", "is not a valid manifest")
+
+
+@pytest.mark.parametrize(("fault", "code"), [("none", 0), ("stale backup", 1), ("store down", 2)])
+def test_the_readme_main_command_exits_with_the_check_runs_code(
+    env: Env, tmp_path: Path, fault: str, code: int
+) -> None:
+    """scripts/verify (the README's main command) keeps 0/1/2 apart; make would say 2."""
+    import os
+    import subprocess
+    from datetime import UTC, datetime, timedelta
+
+    env.backup(now=datetime.now(UTC) - timedelta(hours=3) if fault == "stale backup" else None)
+    if fault == "store down":
+        port = _dead_port()
+        env.rewrite(lambda d: d["stores"]["offsite"].update(endpoint=f"127.0.0.1:{port}"))
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "verify"), "-m", "backups", "-k", "rpo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "OPSDRILL_"))},
+            "INVENTORY": str(env.path),
+            "ALLURE_RESULTS": str(results),
+            "PYTEST_WORKERS": "1",
+        },
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out[-3000:]
+    assert list(results.glob("*-result.json")), "the Allure results are written"
+    word = {0: "every examined check passed", 1: "a check FAILED", 2: "could not be judged"}
+    assert word[code] in out, out[-2000:]
