@@ -15,7 +15,7 @@ import pytest
 
 from fixtures.checks import SHOWN, Check, attach_json
 from fixtures.dns import RUNBOOK_MAIL
-from fixtures.mail import ProbeTarget, attach_probe, measured
+from fixtures.mail import ProbeTarget, attach_probe, measured, required
 from opsdrill.mail import MessageNotFound, ProbeFailed, extract_links
 from opsdrill.secrets import redact
 
@@ -29,8 +29,7 @@ pytestmark = pytest.mark.mail
 
 
 def _request_line(target: ProbeTarget) -> str:
-    trigger = target.spec.trigger
-    assert trigger is not None
+    trigger = target.trigger_cfg
     return f"{trigger.method} {redact(trigger.url)}"
 
 
@@ -40,8 +39,7 @@ def check_app_message_arrives(
 ) -> None:
     target = app_probe_target
     spec = target.spec
-    expect = spec.expect
-    assert expect is not None
+    expect = target.expect
     allure.dynamic.title(
         f"probe {target.name}: {_request_line(target)} makes the application send a message "
         f"to {expect.to} with a subject matching '{expect.subject_pattern}', arriving in "
@@ -59,7 +57,8 @@ def check_app_message_arrives(
             f"{spec.timeout_seconds:g} s; the trigger answered {answered.get('status')}, "
             f"then {exc.message}",
         )
-    except ProbeFailed as exc:  # the trigger answered non-2xx, IMAP refused the login...
+    except ProbeFailed as exc:  # the trigger answered non-2xx (not 401/403 to our token)...
+        # (a refused bearer token or IMAP password is CredentialsRejected: broken, not here)
         attach_json("probe failure", {"error": exc.message, **target.endpoints()})
         expected = "a 2xx answer from the trigger" if exc.stage == "trigger" else "the message"
         DELIVERY.fail(target.id, f"expected {expected}, found {exc.message}")
@@ -89,8 +88,7 @@ def check_app_link_present_and_answers(
     app_probe_target: ProbeTarget, request: pytest.FixtureRequest
 ) -> None:
     target = app_probe_target
-    expect = target.spec.expect
-    assert expect is not None
+    expect = target.expect
     pattern = expect.link_pattern
     answers = " that answers 2xx" if expect.fetch_link else ""
     allure.dynamic.title(
@@ -125,8 +123,7 @@ def check_app_link_present_and_answers(
         return
     if "link" in result.errors:  # the link's server did not answer: broken
         raise result.errors["link"]
-    fetched = result.link_fetch
-    assert fetched is not None
+    fetched = required(result.link_fetch, f"{target.id}: the link fetch")
     measured("link_status", fetched.status)
     if not fetched.ok:
         LINK.fail(

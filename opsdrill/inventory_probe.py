@@ -5,7 +5,8 @@
   (``trigger``, ``expect``: an HTTP request makes the application send it, and ``expect``
   says how to recognise it), never both. Both kinds name the ``imap`` mailbox that
   receives, how long to wait and the latency allowed, the Authentication-Results
-  authserv-ids to trust and, optionally, a ``spamd`` to score the received copy.
+  authserv-ids to trust (and whether a header from one of them is required:
+  ``require_auth_results``) and, optionally, a ``spamd`` to score the received copy.
 - ``[app_environment.NAME]``: where the application's environment comes from (an env file,
   or a command such as ``docker exec app printenv``: the same source keys as
   ``[secrets.*]``, read the same way) and which keys must not be set in it.
@@ -23,7 +24,7 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from opsdrill._model import ENV_NAME_PATTERN, StrictModel
 
@@ -201,6 +202,10 @@ class Probe(StrictModel):
     use_idle: bool = Field(default=True, description="IMAP IDLE when offered, else polling")
     poll_interval_seconds: float = Field(default=1.0, gt=0, le=60)
     trusted_authserv_ids: list[str] = Field(default_factory=list)
+    require_auth_results: bool = Field(
+        default=False,
+        description="a trusted Authentication-Results header must report spf, dkim or dmarc",
+    )
     require_dkim: bool = Field(default=True, description="an aligned, valid DKIM signature")
     spamd: SpamdScoring | None = None
     sweep_after_minutes: float | None = Field(
@@ -215,6 +220,18 @@ class Probe(StrictModel):
     @classmethod
     def _lower_ids(cls, value: list[str]) -> list[str]:
         return [v.strip().lower() for v in value]
+
+    @field_validator("require_auth_results")
+    @classmethod
+    def _required_needs_trusted(cls, value: bool, info: ValidationInfo) -> bool:
+        # trusted_authserv_ids is declared (so validated) first; absent if it was invalid
+        if value and "trusted_authserv_ids" in info.data and not info.data["trusted_authserv_ids"]:
+            raise ValueError(
+                "true needs at least one entry in trusted_authserv_ids, which is empty: no "
+                "Authentication-Results header could ever count (list the receiving side's "
+                "authserv-ids there, or set require_auth_results = false)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> Probe:

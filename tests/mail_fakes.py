@@ -1,5 +1,6 @@
-"""Tiny in-process stand-ins for the mail library's unit tests: an SMTP server, a spamd
-that replays a canned answer, an HTTP application and a minimal Redis. Each fakes only
+"""Tiny in-process stand-ins for the mail library's unit tests: an SMTP server, an IMAP
+server that only logs in, a spamd that replays a canned answer, an HTTP application, a
+minimal Redis and a Redis that refuses every command. Each fakes only
 the protocol boundary the library talks to; the real daemons are tested by the stack."""
 
 from __future__ import annotations
@@ -138,6 +139,66 @@ def fake_spamd(answer: bytes | None, requests: list[bytes]) -> Iterator[int]:
                 time.sleep(5)  # hung: the client's timeout must end the wait
                 return
             self.wfile.write(answer)
+
+    with serve(Handler) as port:
+        yield port
+
+
+@contextmanager
+def fake_imap(users: dict[str, str]) -> Iterator[int]:
+    """An IMAP4rev1 greeting, CAPABILITY and LOGIN (``users``: user -> password; anyone
+    else gets ``NO [AUTHENTICATIONFAILED]``), LOGOUT; every other command is ``BAD``."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def reply(self, line: str) -> None:
+            self.wfile.write(line.encode() + b"\r\n")
+            self.wfile.flush()
+
+        def handle(self) -> None:
+            self.reply("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake IMAP ready")
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    return
+                tag, _, rest = line.decode().strip().partition(" ")
+                verb, _, args = rest.partition(" ")
+                if verb.upper() == "CAPABILITY":
+                    self.reply("* CAPABILITY IMAP4rev1 AUTH=PLAIN")
+                    self.reply(f"{tag} OK CAPABILITY completed")
+                elif verb.upper() == "LOGIN":
+                    user, _, password = args.partition(" ")
+                    if users.get(user.strip('"')) == password.strip('"'):
+                        self.reply(f"{tag} OK Logged in")
+                    else:
+                        self.reply(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed.")
+                elif verb.upper() == "LOGOUT":
+                    self.reply("* BYE Logging out")
+                    self.reply(f"{tag} OK Logout completed")
+                    return
+                else:
+                    self.reply(f"{tag} BAD not supported by the fake")
+
+    with serve(Handler) as port:
+        yield port
+
+
+@contextmanager
+def fake_redis_refusing(error: str) -> Iterator[int]:
+    """A Redis (RESP2) that answers every command with the error ``error`` (e.g.
+    ``WRONGPASS invalid username-password pair`` or ``NOAUTH Authentication required.``)."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    return
+                if line.startswith(b"*"):  # an array of bulk strings: read its items
+                    for _ in range(int(line[1:])):
+                        self.rfile.readline()  # $<length>
+                        self.rfile.readline()  # the item
+                self.wfile.write(f"-{error}\r\n".encode())
+                self.wfile.flush()
 
     with serve(Handler) as port:
         yield port

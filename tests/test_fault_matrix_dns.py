@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from opsdrill.stack import demo_dns
 from opsdrill.stack.knot import KnotServer
 from tests.conftest import CheckRun, Env, Stack, derive
+from tests.registry import proves
 
 MAIN = demo_dns.MAIN.name  # example.test
 PORTAL = demo_dns.PORTAL.name  # portal.example.net
@@ -466,6 +467,7 @@ def test_migration_ready_when_new_provider_is_published(env: Env, knot: KnotServ
     )
 
 
+@proves(failed=["migration.dkim"])
 def test_migration_not_ready_names_the_missing_selector(env: Env, knot: KnotServer) -> None:
     relay_two = demo_dns.RELAY_TWO
     open_migration(env)
@@ -485,6 +487,7 @@ def test_migration_not_ready_names_the_missing_selector(env: Env, knot: KnotServ
     assert_fails(run, "dns.dkim.selector", f"dkim:{MAIN}/r2", "found NXDOMAIN")
 
 
+@proves(failed=["migration.spf"])
 def test_migration_not_ready_without_the_new_provider_in_spf(env: Env, knot: KnotServer) -> None:
     open_migration(env)
     run = dns_checks(env, "check_mail_migration.py")
@@ -510,6 +513,7 @@ def test_sending_ip_outside_every_authorised_range_fails_senders(
     assert_passes(run, "dns.spf.providers", f"dns:{MAIN}")
 
 
+@proves(failed=["migration.dmarc"])
 def test_migration_without_dmarc_reports_fails_migration_dmarc(env: Env, knot: KnotServer) -> None:
     open_migration(env)
     env.rewrite(lambda d: d["sending_domains"][MAIN]["dmarc"].update(require_rua=False))

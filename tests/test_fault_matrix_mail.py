@@ -1,7 +1,11 @@
 """Every mail check can fail: break one thing on the worker's real mail stack (Postfix,
 OpenDKIM, Dovecot, Knot, spamd, the demo application, Redis), run the real checks
 (subprocess, Allure results) and assert the named check FAILS with a message naming the
-fault, or is BROKEN when a server cannot be reached, and never hangs.
+fault, is BROKEN when opsdrill could not judge (a server that cannot be reached, or that
+refuses opsdrill's *own* credentials: the message then names the inventory key and the
+variable to fix), is SKIPPED with a reason when there is nothing to judge, and never hangs.
+Each fault test declares what it proves (``tests.registry.proves``), and asserts the
+process exit code: 1 when a check failed, 2 when checks were broken and none failed.
 
 Each xdist worker has its own stack (tests/conftest.py); its tests run one after another
 and every switch is put back in a ``finally`` (context managers, the ``knot`` fixture).
@@ -17,6 +21,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ from opsdrill.stack import demo_dns, mail
 from opsdrill.stack.header_checks import prepending_headers
 from opsdrill.stack.knot import KnotServer
 from tests.conftest import CheckRun, Env, Stack, derive
+from tests.registry import proves
 
 MAIN = demo_dns.MAIN.name  # example.test: From domain of the probes, signed with sel1
 TX = "probe:transactional"  # the direct probe
@@ -136,6 +142,32 @@ def assert_passes(run: CheckRun, check_id: str, target: str) -> None:
     assert res["status"] == "passed", f"{check_id}[{target}]: {res['status']}: {message(res)}"
 
 
+def assert_broken(run: CheckRun, check_id: str, target: str, *fragments: str) -> str:
+    """Broken (opsdrill could not judge), never failed, with every fragment in the message."""
+    res = result(run, check_id, target)
+    msg = message(res)
+    assert res["status"] == "broken", f"{check_id}[{target}] is {res['status']}: {msg}"
+    assert "CheckFailed" not in msg and "AssertionError" not in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {check_id}[{target}] message: {msg}"
+    return msg
+
+
+def assert_skipped(run: CheckRun, check_id: str, target: str, *fragments: str) -> str:
+    """Skipped with a reason in plain words holding every fragment."""
+    res = result(run, check_id, target)
+    msg = message(res)
+    assert res["status"] == "skipped", f"{check_id}[{target}] is {res['status']}: {msg}"
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {check_id}[{target}] reason: {msg}"
+    return msg
+
+
+def set_in_environment(key: str, var: str) -> str:
+    """What ``Inventory.secret_setting`` says for a variable the test process exports."""
+    return f"(fix: {key} = {var}, set in the environment)"
+
+
 def assert_no_secrets(run: CheckRun, stack: Stack, *extra: str) -> None:
     """No secret of the stack (secrets.env, the app's .env secrets) or ``extra`` is in the
     run's output or any Allure result or attachment."""
@@ -194,6 +226,12 @@ def still_there(env: Env, folder: str, uid: int) -> bool:
         return uid in uid_search(box, f"UID {uid}")
 
 
+def copy_probe(env: Env, name: str, source: str = "transactional") -> str:
+    """A second probe ``name``, the same as ``source``; returns its target id."""
+    env.rewrite(lambda d: d["probes"].update({name: copy.deepcopy(d["probes"][source])}))
+    return f"probe:{name}"
+
+
 def rewrite_probe(env: Env, name: str = "transactional", **changes: Any) -> None:
     """Update ``[probes.NAME]`` (nested tables by dotted key: ``smtp.port``)."""
 
@@ -216,6 +254,8 @@ def test_healthy_stack_passes_every_mail_check_sharing_one_run_per_probe(env: En
     assert set(seen) == set(EXPECTED), sorted(seen)
     for (check_id, target), res in seen.items():
         lab = labels(res)
+        if check_id == "mail.probe.auth_results":
+            continue  # nothing to judge on a single-hop stack: skipped, see below
         assert res["status"] == "passed", f"{check_id}[{target}]: {message(res)}"
         assert lab["epic"] == "mail" and lab["severity"] in {"blocker", "critical", "normal"}
         anchor = anchor_of(check_id)
@@ -226,6 +266,19 @@ def test_healthy_stack_passes_every_mail_check_sharing_one_run_per_probe(env: En
             names = attachment_names(res)
             assert "probe evidence" in names and "headers of interest" in names, names
             assert any(n.endswith(".eml") for n in names), names
+    # The stack's Postfix accepts and delivers itself: no receiving server writes an
+    # Authentication-Results header, so there is nothing to judge, and it says so.
+    for target in (TX, INVITE):
+        assert_skipped(
+            run,
+            "mail.probe.auth_results",
+            target,
+            f"{target}: nothing to judge: no Authentication-Results header from "
+            f"{mail.AUTHSERV_ID}; the message carried no Authentication-Results header. A "
+            "single-hop server",
+            f"check the spelling of probes.{target.split(':')[1]}.trusted_authserv_ids",
+            "require_auth_results = true to make this a failure",
+        )
     title = seen[("mail.probe.delivery", TX)]["name"]
     assert title == (
         "probe transactional: message from crm@example.test reaches probe@mailbox.test's "
@@ -256,13 +309,17 @@ def test_healthy_stack_passes_every_mail_check_sharing_one_run_per_probe(env: En
 # -- sending -----------------------------------------------------------------------------------
 
 
-def test_postfix_down_is_broken_at_once_and_a_wrong_password_fails_naming_user_and_535(
+@proves(broken=PROBE_CHECKS)
+def test_postfix_down_is_broken_at_once_and_a_wrong_password_is_broken_naming_user_535_and_var(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A wrong password of the probe's own submission account is opsdrill's credential
+    refused: every check of the probe is broken (not failed), naming the user, the 535
+    and the variable to fix, exactly like the server being down."""
     wrong = "wrong-smtp-password-5c1e0d"  # registered as a secret: must appear nowhere
     monkeypatch.setenv("MAILTEST_WRONG_SMTP_PASSWORD", wrong)
     port = closed_port()
-    env.rewrite(lambda d: d["probes"].update(badpass=copy.deepcopy(d["probes"]["transactional"])))
+    copy_probe(env, "badpass")
     rewrite_probe(env, "badpass", **{"smtp.password_env": "MAILTEST_WRONG_SMTP_PASSWORD"})
     rewrite_probe(env, **{"smtp.port": port})
     started = time.monotonic()
@@ -277,24 +334,125 @@ def test_postfix_down_is_broken_at_once_and_a_wrong_password_fails_naming_user_a
         )
     assert duration_ms(result(run, "mail.probe.delivery", TX)) < 5000
     user = mail.SENDER.address
-    assert_fails(
-        run,
-        "mail.probe.delivery",
-        "probe:badpass",
-        "the probe could not be sent: send: SMTP 127.0.0.1:",
-        f"rejected AUTH for user {user}: 535",
-    )
-    assert_fails(
-        run,
-        "mail.probe.dkim",
-        "probe:badpass",
-        "no received message to verify: send: SMTP 127.0.0.1:",
-        "(see mail.probe.delivery)",
-    )
-    assert run.returncode == 1  # a failure outranks the broken checks
+    smtp_port = env.data["probes"]["badpass"]["smtp"]["port"]
+    fix = set_in_environment("probes.badpass.smtp.password_env", "MAILTEST_WRONG_SMTP_PASSWORD")
+    for check_id in PROBE_CHECKS:  # the same reason on every check of the probe
+        assert_broken(
+            run,
+            check_id,
+            "probe:badpass",
+            f"CredentialsRejected: probe:badpass: send: SMTP 127.0.0.1:{smtp_port} rejected "
+            f"AUTH for user {user}: 535 ",
+            f"opsdrill's own credentials were refused, so nothing could be checked {fix}",
+        )
+    assert run.returncode == 2  # broken, nothing failed
     assert_no_secrets(run, env.stack, wrong)
 
 
+@proves(broken=[*PROBE_CHECKS, "mail.app.delivery", "mail.app.link"])
+def test_wrong_imap_password_of_the_probe_mailbox_breaks_every_check_of_both_probes(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = "wrong-imap-password-7e4a19"
+    var = "MAILTEST_WRONG_IMAP_PASSWORD"
+    monkeypatch.setenv(var, wrong)
+    for name in ("transactional", "portal-invite"):
+        rewrite_probe(env, name, **{"imap.password_env": var})
+    run = mail_checks(env, "transactional or portal", "check_mail_probe.py", "check_mail_app.py")
+    port = env.data["probes"]["transactional"]["imap"]["port"]
+    for target, check_ids in (
+        (TX, PROBE_CHECKS),
+        (INVITE, [*ANALYSIS_CHECKS, "mail.app.delivery", "mail.app.link"]),
+    ):
+        name = target.split(":")[1]
+        for check_id in check_ids:
+            assert_broken(
+                run,
+                check_id,
+                target,
+                f"CredentialsRejected: {target}: receive: IMAP 127.0.0.1:{port} rejected "
+                f"LOGIN for user {mail.PROBE.address}: NO ",
+                set_in_environment(f"probes.{name}.imap.password_env", var),
+            )
+    assert run.returncode == 2, run.output[-2000:]  # broken only: exit 2, not 1
+    assert_no_secrets(run, env.stack, wrong)
+
+
+@proves(
+    broken=[
+        *ANALYSIS_CHECKS,
+        "mail.app.delivery",
+        "mail.app.link",
+        "mail.queue.backlog",
+        "mail.config.redirect",
+    ]
+)
+def test_wrong_bearer_token_wrong_redis_password_and_an_unreadable_app_env_are_broken(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Things opsdrill could not judge, in one run: the trigger answers 401 to our bearer
+    token, Redis refuses our password, a second queue's Redis is down (its right password
+    must not leak through a traceback), the command that prints the application's
+    environment fails (the container is gone)."""
+    token, redis_password = "wrong-bearer-token-2b8f51", "wrong-redis-password-c90d33"
+    monkeypatch.setenv("MAILTEST_WRONG_TOKEN", token)
+    monkeypatch.setenv("MAILTEST_WRONG_REDIS_PASSWORD", redis_password)
+    rewrite_probe(env, "portal-invite", **{"trigger.bearer_token_env": "MAILTEST_WRONG_TOKEN"})
+    gone = "Error response from daemon: No such container: crm-web"
+    down = closed_port()
+    env.rewrite(
+        lambda d: (
+            d["queues"].update(down=copy.deepcopy(d["queues"]["email"])),
+            d["queues"]["down"]["redis"].update(port=down),
+            d["queues"]["email"]["redis"].update(password_env="MAILTEST_WRONG_REDIS_PASSWORD"),
+            d["app_environment"].update(
+                crm={"command": ["sh", "-c", f"echo '{gone}' >&2; exit 1"]}
+            ),
+        )
+    )
+    run = mail_checks(
+        env,
+        "portal or queue or appenv",
+        "check_mail_app.py",
+        "check_mail_config.py",
+        "check_mail_probe.py",
+    )
+    url = env.data["probes"]["portal-invite"]["trigger"]["url"]
+    for check_id in (*ANALYSIS_CHECKS, "mail.app.delivery", "mail.app.link"):
+        assert_broken(
+            run,
+            check_id,
+            INVITE,
+            f"{INVITE}: trigger: POST {url} answered 401: the application refused the bearer "
+            "token: ",
+            set_in_environment(
+                "probes.portal-invite.trigger.bearer_token_env", "MAILTEST_WRONG_TOKEN"
+            ),
+        )
+    redis_port = env.data["queues"]["email"]["redis"]["port"]
+    assert_broken(
+        run,
+        "mail.queue.backlog",
+        QUEUE,
+        f"CredentialsRejected: {QUEUE}: queue: Redis 127.0.0.1:{redis_port}/0 rejected the "
+        "credentials: ",
+        set_in_environment("queues.email.redis.password_env", "MAILTEST_WRONG_REDIS_PASSWORD"),
+    )
+    assert_broken(
+        run, "mail.queue.backlog", "queue:down", f"Redis 127.0.0.1:{down}/0: ConnectionError"
+    )
+    assert_broken(
+        run,
+        "mail.config.redirect",
+        APPENV,
+        f"TargetUnreachable: {APPENV}: application env command sh: failed with exit code 1",
+        "(fix: is the application running where app_environment.crm.command looks for it?)",
+    )
+    assert run.returncode == 2, run.output[-2000:]
+    assert_no_secrets(run, env.stack, token, redis_password)
+
+
+@proves(failed=["mail.probe.delivery", "mail.probe.latency"])
 def test_message_never_delivered_fails_listing_what_was_searched_where(env: Env) -> None:
     rewrite_probe(env, timeout_seconds=5.0, max_latency_seconds=5.0)
     postfix = env.stack.stack.postfix()
@@ -328,6 +486,7 @@ def test_message_never_delivered_fails_listing_what_was_searched_where(env: Env)
 # -- DKIM and Authentication-Results -------------------------------------------------------------
 
 
+@proves(failed=["mail.probe.dkim", "mail.probe.latency"])
 def test_dkim_signing_disabled_fails_dkim_and_a_tiny_latency_budget_fails_latency(
     env: Env,
 ) -> None:
@@ -342,7 +501,7 @@ def test_dkim_signing_disabled_fails_dkim_and_a_tiny_latency_budget_fails_latenc
         "found no DKIM-Signature header",
     )
     assert_passes(run, "mail.probe.delivery", TX)
-    assert_passes(run, "mail.probe.auth_results", TX)
+    assert_skipped(run, "mail.probe.auth_results", TX, "nothing to judge")  # single hop
     assert_fails(
         run,
         "mail.probe.latency",
@@ -354,6 +513,7 @@ def test_dkim_signing_disabled_fails_dkim_and_a_tiny_latency_budget_fails_latenc
     assert float(parameters(latency)["latency_s"]) > 0.001
 
 
+@proves(failed=["mail.probe.dkim"])
 def test_replaced_dkim_key_in_dns_fails_the_signature(env: Env, knot: KnotServer) -> None:
     knot.set_records(MAIN, "sel1._domainkey", "TXT", f"v=DKIM1; k=rsa; p={rsa_public_b64()}")
     run = mail_checks(env, "transactional", "check_mail_probe.py")
@@ -365,6 +525,7 @@ def test_replaced_dkim_key_in_dns_fails_the_signature(env: Env, knot: KnotServer
     assert_passes(run, "mail.probe.delivery", TX)
 
 
+@proves(failed=["mail.probe.dkim", "mail.probe.auth_results"])
 def test_unaligned_from_fails_dkim_and_a_trusted_fail_beats_a_spoofed_pass(env: Env) -> None:
     """Two independent faults in one run: the From domain is not the signing domain (the
     signer signs @unaligned.test as d=example.test), and the message carries a trusted
@@ -403,9 +564,54 @@ def test_unaligned_from_fails_dkim_and_a_trusted_fail_beats_a_spoofed_pass(env: 
     assert_passes(run, "mail.probe.delivery", TX)
 
 
+@proves(failed=["mail.probe.auth_results"])
+def test_auth_results_skips_when_no_trusted_header_exists_and_fails_where_one_is_required(
+    env: Env,
+) -> None:
+    """The receiving side writes a passing Authentication-Results header. Three probes read
+    the same kind of message: one trusts the right authserv-id (passes), one has a typo in
+    trusted_authserv_ids (nothing to judge: skipped, saying what was looked for and what
+    was seen), one has the same typo and require_auth_results = true (fails)."""
+    typo = "mail.mailbox.tset"
+    for name, required in (("typo", False), ("strict", True)):
+        copy_probe(env, name)
+        rewrite_probe(env, name, trusted_authserv_ids=[typo], require_auth_results=required)
+    passing = (
+        f"{mail.AUTHSERV_ID}; spf=pass smtp.mailfrom=crm@{MAIN}; dkim=pass header.d={MAIN}; "
+        f"dmarc=pass header.from={MAIN}"
+    )
+    rules = [(rf"^{PROBE_HEADER}: ", f"Authentication-Results: {passing}")]
+    with prepending_headers(env.stack.stack.postfix(), rules):
+        run = mail_checks(env, "transactional or typo or strict", "check_mail_probe.py")
+    assert_passes(run, "mail.probe.auth_results", TX)
+    assert parameters(result(run, "mail.probe.auth_results", TX))["trusted_headers"] == "1"
+    seen = f"the message carried 1 header(s) from {mail.AUTHSERV_ID}, all ignored as untrusted"
+    assert_skipped(
+        run,
+        "mail.probe.auth_results",
+        "probe:typo",
+        f"probe:typo: nothing to judge: no Authentication-Results header from {typo}; {seen}",
+        "check the spelling of probes.typo.trusted_authserv_ids against the authserv-id",
+        "probes.typo.require_auth_results = true to make this a failure",
+    )
+    assert_fails(
+        run,
+        "mail.probe.auth_results",
+        "probe:strict",
+        f"expected an Authentication-Results header from {typo} reporting spf, dkim or dmarc "
+        f"(require_auth_results = true), found no Authentication-Results header from {typo}; "
+        f"{seen}",
+        "is probes.strict.trusted_authserv_ids spelt as it writes its authserv-id?",
+    )
+    for target in (TX, "probe:typo", "probe:strict"):
+        assert_passes(run, "mail.probe.delivery", target)
+    assert run.returncode == 1
+
+
 # -- where it lands, and how spammy it looks --------------------------------------------------
 
 
+@proves(failed=["mail.probe.delivery", "mail.probe.spam"])
 def test_junk_filing_fails_delivery_and_a_score_over_the_threshold_fails_spam(env: Env) -> None:
     rewrite_probe(env, **{"spamd.max_score": -5.0})  # the healthy message scores -1.0
     dovecot = env.stack.stack.dovecot()
@@ -434,6 +640,7 @@ def test_junk_filing_fails_delivery_and_a_score_over_the_threshold_fails_spam(en
 # -- the application, its environment, its queue ---------------------------------------------
 
 
+@proves(failed=["mail.app.link", "mail.queue.backlog"])
 def test_missing_activation_link_fails_link_and_a_backlog_fails_the_queue(env: Env) -> None:
     app, queue = env.stack.stack.demo_app(), env.stack.stack.email_queue()
     with app.without_activation_link(), queue.backlog(count=200, age_seconds=3600):
@@ -458,6 +665,49 @@ def test_missing_activation_link_fails_link_and_a_backlog_fails_the_queue(env: E
     assert float(parameters(res)["oldest_age_s"]) >= 3600
 
 
+@proves(failed=["mail.app.delivery", "mail.app.link", "mail.probe.latency"])
+def test_application_answering_500_or_sending_nothing_fails_app_delivery(env: Env) -> None:
+    """The application itself is wrong: its invite endpoint answers 500, or answers 201
+    and never sends (a worker that loses the job). Both fail mail.app.delivery, and the
+    checks that judge the received copy fail pointing at it."""
+    rewrite_probe(env, "portal-invite", timeout_seconds=5.0, max_latency_seconds=5.0)
+    app = env.stack.stack.demo_app()
+    url = env.data["probes"]["portal-invite"]["trigger"]["url"]
+    with app.failing_invites(500):
+        erroring = mail_checks(env, "portal", "check_mail_app.py", "check_mail_probe.py")
+    assert_fails(
+        erroring,
+        "mail.app.delivery",
+        INVITE,
+        f"expected a 2xx answer from the trigger, found trigger: POST {url} answered 500 "
+        "(expected 2xx): ",
+        "the invitation was not sent",
+    )
+    for check_id in ("mail.app.link", "mail.probe.latency"):
+        assert_fails(
+            erroring,
+            check_id,
+            INVITE,
+            f"no received message to verify: trigger: POST {url} answered 500",
+            "(see mail.app.delivery)",
+        )
+    assert erroring.returncode == 1
+    with app.dropping_invites():
+        started = time.monotonic()
+        silent = mail_checks(env, "portal", "check_mail_app.py")
+    assert time.monotonic() - started < 60
+    assert_fails(
+        silent,
+        "mail.app.delivery",
+        INVITE,
+        "expected the application's message in INBOX within 5 s; the trigger answered 201, then ",
+        f"not found in INBOX, Junk of {mail.PROBE.address} at ",
+    )
+    assert silent.returncode == 1
+    assert_no_secrets(erroring, env.stack)
+
+
+@proves(failed=["mail.config.redirect"])
 def test_redirect_set_fails_showing_the_address_even_after_the_bundle_masked_it(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -494,6 +744,7 @@ def test_redirect_set_fails_showing_the_address_even_after_the_bundle_masked_it(
     assert_no_secrets(run, stack)
 
 
+@proves(failed=["mail.config.redirect"])
 def test_redirect_set_to_something_else_than_an_address_is_not_shown(env: Env) -> None:
     planted = "opsdrill-planted-3b9f-not-an-address"
     app_env = Path(env.data["app_environment"]["crm"]["env_file"])
@@ -511,3 +762,28 @@ def test_redirect_set_to_something_else_than_an_address_is_not_shown(env: Env) -
 
 def stack_app_env(env: Env) -> Path:
     return env.stack.stack.base / env.stack.data["app_environment"]["crm"]["env_file"]
+
+
+# -- provider migration: a resolver that never answers ----------------------------------------
+
+
+@proves(broken=["migration.dkim", "migration.spf", "migration.dmarc"])
+def test_resolver_timeout_during_a_migration_breaks_the_migration_checks(env: Env) -> None:
+    """During an open migration window the migration checks ask DNS; a resolver that never
+    answers leaves them unable to judge: broken, not failed (and not skipped)."""
+    until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=14)
+    env.rewrite(
+        lambda d: d["sending_domains"][MAIN].update(
+            migration={"from": "relay-one", "to": "relay-two", "until": until}
+        )
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # receives the queries, never answers
+        port = silent.getsockname()[1]
+        env.rewrite(
+            lambda d: d["dns"].update(nameservers=["127.0.0.1"], port=port, timeout_seconds=0.3)
+        )
+        run = env.run_checks("check_mail_migration.py", extra=("-m", "migration", "-k", MAIN))
+    for check_id in ("migration.dkim", "migration.spf", "migration.dmarc"):
+        assert_broken(run, check_id, f"dns:{MAIN}", f"timed out asking 127.0.0.1:{port}")
+    assert run.returncode == 2, run.output[-2000:]

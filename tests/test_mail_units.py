@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from opsdrill.errors import ConfigError, TargetUnreachable
+from opsdrill.errors import ConfigError, CredentialsRejected, TargetUnreachable
 from opsdrill.mail import (
     PROBE_HEADER,
     AppMessageMatch,
@@ -34,6 +34,7 @@ from opsdrill.mail import (
     authentication_results,
     backlog_from_client,
     build_probe_message,
+    bullmq_backlog,
     extract_links,
     fetch_link,
     forbidden_keys_set,
@@ -46,6 +47,7 @@ from opsdrill.mail import (
     read_app_env,
     score_with_spamd,
     send_probe,
+    snapshot_uidnext,
     trigger_app,
     verify_dkim,
 )
@@ -58,6 +60,8 @@ from tests.mail_fakes import (
     FakeRedis,
     SmtpBehaviour,
     fake_app,
+    fake_imap,
+    fake_redis_refusing,
     fake_smtp,
     fake_spamd,
     free_port,
@@ -506,7 +510,7 @@ def test_smtp_submit_returns_acceptance_and_queue_id() -> None:
     assert PASSWORD not in repr(endpoint) and PASSWORD not in json.dumps(endpoint.evidence())
 
 
-def test_smtp_auth_rejection_is_a_failure_naming_server_and_user() -> None:
+def test_smtp_auth_rejection_is_our_credentials_refused_naming_server_user_and_535() -> None:
     with fake_smtp(SmtpBehaviour(users={USER: "other-password"})) as port:
         endpoint = SmtpEndpoint("127.0.0.1", port, "none", USER, PASSWORD, timeout=5)
         with pytest.raises(AuthRejected) as caught:
@@ -515,7 +519,11 @@ def test_smtp_auth_rejection_is_a_failure_naming_server_and_user() -> None:
     assert message.startswith(
         f"send: SMTP 127.0.0.1:{port} rejected AUTH for user crm@example.test: 535 5.7.8"
     )
-    assert PASSWORD not in message and not isinstance(caught.value, TargetUnreachable)
+    # opsdrill's own password refused: nothing was judged (broken, exit 2), not a failure
+    error = caught.value
+    assert isinstance(error, CredentialsRejected) and not isinstance(error, ProbeFailed)
+    assert (error.credential, error.stage, error.exit_code) == ("smtp", "send", 2)
+    assert PASSWORD not in message
 
 
 def test_smtp_refusals_and_missing_starttls() -> None:
@@ -567,11 +575,26 @@ def test_trigger_app_non_2xx_is_a_failure_with_status() -> None:
     with fake_app(BEARER) as (port, _):
         with pytest.raises(ProbeFailed) as caught:
             trigger_app(f"http://127.0.0.1:{port}/fail", json_body={}, bearer_token=BEARER)
-        with pytest.raises(ProbeFailed, match="answered 401"):
-            trigger_app(f"http://127.0.0.1:{port}/invite", json_body={}, bearer_token="wrong-one")
+        # no bearer token configured: a 401 is the application's answer, not our token's
+        with pytest.raises(ProbeFailed, match="answered 401 \\(expected 2xx\\)"):
+            trigger_app(f"http://127.0.0.1:{port}/invite", json_body={})
     message = caught.value.message
     assert f"POST http://127.0.0.1:{port}/fail answered 500 (expected 2xx)" in message
     assert BEARER not in message and "Bearer ***" in message  # the echo is masked
+
+
+def test_trigger_app_refusing_our_bearer_token_is_credentials_rejected() -> None:
+    wrong = "wrong-Bearer-77a1"
+    with fake_app(BEARER) as (port, _), pytest.raises(AuthRejected) as caught:
+        trigger_app(f"http://127.0.0.1:{port}/invite", json_body={}, bearer_token=wrong)
+    error = caught.value
+    assert isinstance(error, CredentialsRejected) and not isinstance(error, ProbeFailed)
+    assert (error.credential, error.stage) == ("trigger", "trigger")
+    assert error.message.startswith(
+        f"trigger: POST http://127.0.0.1:{port}/invite answered 401: the application refused "
+        "the bearer token: bad token Bearer ***"
+    )
+    assert wrong not in error.message
 
 
 def test_fetch_link_follows_redirects_and_unreachable() -> None:
@@ -732,3 +755,203 @@ def test_probe_result_evidence_has_latency_and_no_password() -> None:
     result.errors["dkim"] = TargetUnreachable("DNS sel1._domainkey.example.test TXT: timed out")
     with pytest.raises(TargetUnreachable):
         result.raise_for_errors()
+
+
+# ---------------------------------------------------------------- honest outcomes
+# A server refusing opsdrill's *own* credentials (the probe's SMTP and IMAP passwords, the
+# trigger's bearer token, the queue's Redis password) is broken, never failed: the
+# library raises AuthRejected (a CredentialsRejected), the fixtures name the key to fix.
+
+IMAP_USER, IMAP_PASSWORD = "probe@mailbox.test", "imap-Secret-8d2c"
+
+
+def test_auth_rejected_is_credentials_rejected_not_a_probe_failure() -> None:
+    assert issubclass(AuthRejected, CredentialsRejected)
+    assert issubclass(AuthRejected, TargetUnreachable)
+    assert not issubclass(AuthRejected, ProbeFailed) and not issubclass(
+        AuthRejected, AssertionError
+    )
+    error = AuthRejected("receive", "IMAP x rejected LOGIN for user u: NO", credential="imap")
+    assert error.message == "receive: IMAP x rejected LOGIN for user u: NO"
+    assert error.exit_code == 2
+
+
+def test_imap_login_rejected_is_credentials_rejected_naming_server_and_user() -> None:
+    with fake_imap({IMAP_USER: "the-right-one"}) as port:
+        mailbox = ImapMailbox("127.0.0.1", port, "none", IMAP_USER, IMAP_PASSWORD, timeout=5)
+        with pytest.raises(AuthRejected) as caught:
+            snapshot_uidnext(mailbox, ("INBOX",))
+    error = caught.value
+    assert isinstance(error, CredentialsRejected) and not isinstance(error, ProbeFailed)
+    assert (error.credential, error.stage) == ("imap", "receive")
+    assert error.message.startswith(
+        f"receive: IMAP 127.0.0.1:{port} rejected LOGIN for user {IMAP_USER}: NO "
+    )
+    assert "AUTHENTICATIONFAILED" in error.message and IMAP_PASSWORD not in error.message
+
+
+@pytest.mark.parametrize(
+    "answer", ["WRONGPASS invalid username-password pair", "NOAUTH Authentication required."]
+)
+def test_redis_refusing_the_password_is_credentials_rejected(answer: str) -> None:
+    with fake_redis_refusing(answer) as port, pytest.raises(AuthRejected) as caught:
+        bullmq_backlog("127.0.0.1", port, "redis-Secret-51", timeout=2)
+    error = caught.value
+    assert isinstance(error, CredentialsRejected) and error.credential == "redis"
+    assert error.message.startswith(f"queue: Redis 127.0.0.1:{port}/0 rejected the credentials: ")
+    assert error.message.endswith(answer.split(" ", 1)[1])  # what Redis said
+    assert "redis-Secret-51" not in error.message
+
+
+INVENTORY = """
+name = "unit"
+environment = "test"
+
+[probes.tx]
+from_address = "crm@example.test"
+to_address = "probe@mailbox.test"
+trusted_authserv_ids = ["mail.mailbox.test"]
+smtp = { host = "127.0.0.1", tls = "none", user = "crm@example.test", password_env = "U_SMTP" }
+imap = { host = "127.0.0.1", tls = "none", user = "probe@mailbox.test", password_env = "U_IMAP" }
+
+[probes.invite]
+trigger = { url = "http://127.0.0.1:9/invite", bearer_token_env = "U_TOKEN" }
+expect = { to = "probe@mailbox.test", subject_pattern = "invited" }
+imap = { host = "127.0.0.1", tls = "none", user = "probe@mailbox.test", password_env = "U_IMAP" }
+
+[queues.email]
+redis = { host = "127.0.0.1", password_env = "U_REDIS" }
+queue = "email"
+
+[queues.open]
+redis = { host = "127.0.0.1" }
+queue = "email"
+"""
+SECRETS = {"U_SMTP": "smtp-pw-1", "U_IMAP": "imap-pw-2", "U_TOKEN": "token-3", "U_REDIS": "redis-4"}
+
+
+def _inventory(tmp_path: Path, text: str = INVENTORY) -> Any:
+    from opsdrill.inventory import load
+
+    path = tmp_path / "inventory.toml"
+    path.write_text(text)
+    return load(path, environ=SECRETS)
+
+
+@pytest.mark.parametrize(
+    ("probe", "credential", "key", "var"),
+    [
+        ("tx", "smtp", "probes.tx.smtp.password_env", "U_SMTP"),
+        ("tx", "imap", "probes.tx.imap.password_env", "U_IMAP"),
+        ("invite", "trigger", "probes.invite.trigger.bearer_token_env", "U_TOKEN"),
+        ("invite", "imap", "probes.invite.imap.password_env", "U_IMAP"),
+    ],
+)
+def test_probe_facade_turns_a_refused_credential_into_broken_naming_key_and_variable(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    probe: str,
+    credential: Any,
+    key: str,
+    var: str,
+) -> None:
+    import fixtures.mail as facade
+    from fixtures.checks import Check, CheckFailed
+
+    refusal = AuthRejected("send", "SMTP 127.0.0.1:587 said 535 5.7.8 no", credential=credential)
+
+    def refuse(*args: Any, **kwargs: Any) -> ProbeResult:
+        raise refusal
+
+    monkeypatch.setattr(facade, "run_direct_probe", refuse)
+    monkeypatch.setattr(facade, "run_triggered_probe", refuse)
+    inv = _inventory(tmp_path)
+    (target,) = [t for t in facade.mail_targets(inv).probes if t.name == probe]
+    check = Check("mail.probe.latency", "normal", "docs/x.md#probe", "mail", "probe")
+    for attempt in range(2):  # every check of the probe gets the same error
+        with pytest.raises(CredentialsRejected) as caught:
+            if attempt:
+                target.received(check, request)  # never a CheckFailed (failed)
+            else:
+                target.result(request)
+        error = caught.value
+        assert not isinstance(error, (AuthRejected, ProbeFailed, CheckFailed, AssertionError))
+        assert error.message == (
+            f"probe:{probe}: send: SMTP 127.0.0.1:587 said 535 5.7.8 no: opsdrill's own "
+            f"credentials were refused, so nothing could be checked (fix: {key} = {var}, set "
+            "in the environment)"
+        )
+
+
+def test_queue_facade_turns_a_refused_password_into_broken_naming_key_and_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fixtures.mail as facade
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AuthRejected("queue", "Redis 127.0.0.1:6379/0 rejected", credential="redis")
+
+    monkeypatch.setattr(facade, "bullmq_backlog", refuse)
+    queues = {q.name: q for q in facade.mail_targets(_inventory(tmp_path)).queues}
+    with pytest.raises(CredentialsRejected) as caught:
+        queues["email"].backlog()
+    assert not isinstance(caught.value, AuthRejected)
+    assert caught.value.message.endswith(
+        "(fix: queues.email.redis.password_env = U_REDIS, set in the environment)"
+    )
+    assert caught.value.message.startswith("queue:email: queue: Redis 127.0.0.1:6379/0 rejected")
+    with pytest.raises(CredentialsRejected) as unset:  # Redis wants a password, none named
+        queues["open"].backlog()
+    assert "(fix: queues.open.redis.password_env is not set in the inventory" in unset.value.message
+
+
+def test_required_narrows_without_assert() -> None:
+    from fixtures.mail import required
+
+    assert required("x", "probes.tx.smtp") == "x"
+    with pytest.raises(RuntimeError, match=r"probes\.tx\.smtp is missing") as caught:
+        required(None, "probes.tx.smtp")
+    assert not isinstance(caught.value, AssertionError)
+
+
+def test_mail_checks_and_facades_use_no_assert() -> None:
+    """An AssertionError in a check is reported *failed*: no check or facade may raise one
+    for an opsdrill-internal problem."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "fixtures" / "mail.py", *sorted((root / "checks").glob("check_mail_*.py"))]
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert found == []
+
+
+def test_require_auth_results_needs_trusted_authserv_ids(tmp_path: Path) -> None:
+    required = INVENTORY.replace(
+        "[probes.invite]", "require_auth_results = true\n\n[probes.invite]", 1
+    )
+    inv = _inventory(tmp_path, required)
+    assert inv.probe("tx").require_auth_results and not inv.probe("invite").require_auth_results
+    text = INVENTORY.replace(
+        'trusted_authserv_ids = ["mail.mailbox.test"]', "trusted_authserv_ids = []"
+    ).replace("[probes.invite]", "require_auth_results = true\n\n[probes.invite]", 1)
+    with pytest.raises(ConfigError) as caught:
+        _inventory(tmp_path, text)
+    assert (
+        "probes.tx.require_auth_results: true needs at least one entry in "
+        "trusted_authserv_ids, which is empty"
+    ) in caught.value.message
+
+
+def test_ar_reported_is_what_there_is_to_judge() -> None:
+    nothing = parse_values(["mail.example.test; iprev=pass policy.iprev=127.0.0.1"], TRUSTED)
+    assert len(nothing.trusted) == 1 and nothing.reported() == [] and nothing.not_passing() == []
+    some = parse_values(["mail.example.test; dkim=pass header.d=example.test"], TRUSTED)
+    assert [r.method for r in some.reported()] == ["dkim"]
+    untrusted = parse_values(["evil.test; dkim=pass header.d=example.test"], TRUSTED)
+    assert untrusted.reported() == []

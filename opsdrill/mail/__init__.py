@@ -3,9 +3,12 @@
 Plain parameters and small frozen dataclasses in, rich results out; no pytest and no
 inventory models (the fixtures map the inventory onto these). Every network call is
 bounded by a timeout. Failure kinds follow ``opsdrill.errors``: a server that cannot be
-reached raises ``TargetUnreachable`` (a check is *broken*); a server that answered no
-(SMTP 535, a refused recipient, a message that never arrived, a 500 from the
-application) raises ``ProbeFailed`` or a subclass (a check *fails*).
+reached raises ``TargetUnreachable`` and a server that refused opsdrill's own
+credentials (SMTP 535, IMAP LOGIN refused, Redis WRONGPASS, a 401/403 to the trigger's
+bearer token) raises ``AuthRejected``, a ``CredentialsRejected``: either way nothing was
+judged and a check is *broken*. A server that answered no to what is verified (a refused
+recipient, a message that never arrived, a 500 from the application) raises
+``ProbeFailed`` or a subclass (a check *fails*).
 
 Modules: ``smtp`` (submit a probe), ``imap`` (sessions, delete, sweep), ``wait`` (IDLE
 or polling until a matcher finds the message), ``message`` (tokens, headers, links),

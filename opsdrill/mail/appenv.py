@@ -43,8 +43,7 @@ def read_app_env(
         except OSError as exc:
             raise ConfigError(f"application env_file {path}: cannot read: {exc.strerror}") from None
     else:
-        assert command is not None
-        if not command:
+        if not command:  # None is excluded above; an empty list is a configuration error
             raise ConfigError("application env command: empty")
         argv = list(command)
         where = f"output of {argv[0]}"

@@ -310,6 +310,10 @@ class AuthResultsReport:
                 out.setdefault(r.method, []).append(r.result)
         return out
 
+    def reported(self, methods: Sequence[str] = ("spf", "dkim", "dmarc")) -> list[AuthResult]:
+        """Trusted results of ``methods``: what there is to judge (empty: nothing is)."""
+        return [r for m in methods for r in self.results(m)]
+
     def not_passing(self, methods: Sequence[str] = ("spf", "dkim", "dmarc")) -> list[AuthResult]:
         """Trusted results of ``methods`` that are present and not ``pass``."""
         return [r for m in methods for r in self.results(m) if r.result != "pass"]

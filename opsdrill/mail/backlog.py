@@ -167,7 +167,8 @@ def bullmq_backlog(
     ca_file: str | None = None,
 ) -> Backlog:
     """Read the backlog of ``<prefix>:<queue>``. Raises ``TargetUnreachable`` when Redis
-    cannot be reached, ``AuthRejected`` when it refuses the credentials."""
+    cannot be reached, ``AuthRejected`` (a ``CredentialsRejected``) when it refuses the
+    credentials: both mean nothing could be judged."""
     where = f"Redis {host}:{port}/{db}"
     client = redis.Redis(
         host=host,
@@ -186,11 +187,15 @@ def bullmq_backlog(
     try:
         return backlog_from_client(client, queue, prefix)
     except redis.exceptions.AuthenticationError as exc:
-        raise AuthRejected(STAGE, f"{where} rejected the credentials: {exc}") from None
+        raise AuthRejected(
+            STAGE, f"{where} rejected the credentials: {exc}", credential="redis"
+        ) from None
     except redis.exceptions.ResponseError as exc:
         text = str(exc)
         if text.startswith(("NOAUTH", "WRONGPASS")):
-            raise AuthRejected(STAGE, f"{where} rejected the credentials: {text}") from None
+            raise AuthRejected(
+                STAGE, f"{where} rejected the credentials: {text}", credential="redis"
+            ) from None
         raise ProbeFailed(STAGE, f"{where}: {text}") from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise TargetUnreachable(f"{where}: {type(exc).__name__}: {exc}") from None

@@ -1,29 +1,50 @@
-"""Failures of the mail probe, kept apart from "unreachable".
+"""Failures of the mail probe, kept apart from "unreachable" and "refused our credentials".
 
-The split follows opsdrill.errors: a server that cannot be reached (refused, timed out,
-TLS handshake, DNS) raises ``TargetUnreachable`` and a check calls that *broken*. A
-server that answered and said no (SMTP 535, IMAP LOGIN rejected, a 5xx to RCPT TO, a
-message that never arrived) is a *failure* of the thing being verified: ``ProbeFailed``,
-an ``OperationFailed`` whose ``stage`` names the step (send, receive, trigger, ...).
+The split follows opsdrill.errors:
+
+- a server that cannot be reached (refused, timed out, TLS handshake, DNS) raises
+  ``TargetUnreachable``: a check calls that *broken*;
+- a server that refused opsdrill's *own* credentials (SMTP 535 to the probe's submission
+  account, IMAP NO to the probe mailbox's LOGIN, Redis WRONGPASS/NOAUTH, the application's
+  trigger answering 401/403 to our bearer token) raises ``AuthRejected``, a
+  ``CredentialsRejected``: opsdrill could not look, so a check is *broken* too, and the
+  fixtures name the inventory key and the environment variable to fix;
+- a server that answered and said no to the thing being verified (a 5xx to RCPT TO, a
+  message that never arrived, the application answering 500) is a *failure*:
+  ``ProbeFailed``, an ``OperationFailed`` whose ``stage`` names the step (send, receive,
+  trigger, ...).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from opsdrill.errors import OperationFailed
+from opsdrill.errors import CredentialsRejected, OperationFailed
+
+# Which of the inventory's secrets a server refused (the fixtures map it to the key).
+Credential = Literal["smtp", "imap", "trigger", "redis"]
 
 
 class ProbeFailed(OperationFailed):
     """A step of the probe ran and failed; the message says where and what was said."""
 
 
-class AuthRejected(ProbeFailed):
-    """The server refused our credentials (SMTP 535, IMAP NO to LOGIN, Redis WRONGPASS).
+class AuthRejected(CredentialsRejected):
+    """A server refused opsdrill's own credentials (SMTP 535, IMAP NO to LOGIN, Redis
+    WRONGPASS, a 401/403 to the trigger's bearer token).
 
-    Not "unreachable": the server is up and answered, so the probe's configuration or the
-    account is wrong, which is exactly what a check must report as a failure.
+    Not a verdict on the target: the account opsdrill logs in with is wrong (or was
+    rotated), so nothing could be judged and a check is *broken* (exit 2), never failed.
+    ``stage`` names the step as for ``ProbeFailed`` (the message starts with it);
+    ``credential`` says which secret was refused: ``smtp`` (the probe's submission
+    password), ``imap`` (the probe mailbox's password), ``trigger`` (the bearer token),
+    ``redis`` (the queue's Redis password).
     """
+
+    def __init__(self, stage: str, message: str, *, credential: Credential) -> None:
+        self.stage = stage
+        self.credential: Credential = credential
+        super().__init__(f"{stage}: {message}")
 
 
 class MessageNotFound(ProbeFailed):

@@ -7,7 +7,8 @@ does not keep; ``UID EXPUNGE``) go through its underlying ``imaplib`` client.
 
 Every socket has a timeout (``ImapMailbox.timeout``), so no command waits forever.
 Connection-level failures raise ``TargetUnreachable``; a rejected LOGIN raises
-``AuthRejected``; any other NO/BAD raises ``ProbeFailed``.
+``AuthRejected`` (the probe mailbox's own credentials: broken, like unreachable); any
+other NO/BAD raises ``ProbeFailed``.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def session(mailbox: ImapMailbox) -> Iterator[BaseMailBox]:
         raise AuthRejected(
             STAGE,
             f"IMAP {mailbox.where} rejected LOGIN for user {mailbox.user}: {_status_text(exc)}",
+            credential="imap",
         ) from None
     except MailboxStarttlsError as exc:
         raise ProbeFailed(

@@ -7,8 +7,10 @@ for a message matching recipient/subject/time, extract (and optionally fetch) th
 analyse.
 
 Error contract, so a check can always clean up and attach evidence:
-- before the message is found, failures raise (``TargetUnreachable``, ``AuthRejected``,
-  ``ProbeFailed``; ``MessageNotFound`` carries what was searched and the send evidence);
+- before the message is found, failures raise: ``TargetUnreachable`` and ``AuthRejected``
+  (our own credentials refused: a ``CredentialsRejected``) mean nothing could be judged,
+  ``ProbeFailed`` is a verdict (``MessageNotFound`` carries what was searched and the
+  send evidence);
 - once it is found, a ``ProbeResult`` is always returned: an analysis that could not run
   (DNS down for the DKIM key, spamd unreachable, the link's server down) is recorded in
   ``errors`` with its original exception, and ``raise_for_errors()`` re-raises it, so

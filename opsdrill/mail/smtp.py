@@ -107,7 +107,8 @@ def submit(endpoint: SmtpEndpoint, message: ProbeMessage) -> SendReceipt:
     """Submit ``message`` and return once the server has accepted it (250 to DATA).
 
     Raises ``TargetUnreachable`` (refused, timeout, TLS, DNS, disconnect),
-    ``AuthRejected`` (535 and other AUTH refusals), ``ProbeFailed`` (no STARTTLS offered,
+    ``AuthRejected`` (535 and other AUTH refusals of our credentials: broken, not failed),
+    ``ProbeFailed`` (no STARTTLS offered,
     no AUTH offered, sender/recipient/data refused).
     """
     check_tls_mode("SMTP", endpoint.host, endpoint.port, endpoint.tls)
@@ -153,6 +154,7 @@ def submit(endpoint: SmtpEndpoint, message: ProbeMessage) -> SendReceipt:
             STAGE,
             f"SMTP {where} rejected AUTH for user {endpoint.user}: "
             f"{_reply(exc.smtp_code, exc.smtp_error)}",
+            credential="smtp",
         ) from None
     except smtplib.SMTPNotSupportedError as exc:
         raise ProbeFailed(STAGE, f"SMTP {where}: {doing}: not supported: {exc}") from None

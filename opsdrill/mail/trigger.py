@@ -19,12 +19,13 @@ import urllib3
 
 from opsdrill.errors import ConfigError, TargetUnreachable
 from opsdrill.mail._net import excerpt, tls_context
-from opsdrill.mail.errors import ProbeFailed
+from opsdrill.mail.errors import AuthRejected, ProbeFailed
 from opsdrill.secrets import redact, register
 
 STAGE = "trigger"
 EXCERPT_BYTES = 2048
 MAX_REDIRECTS = 5
+REFUSED = (401, 403)  # with a bearer token sent: our credential, not the application, is wrong
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ def trigger_app(
     verify: bool = True,
 ) -> TriggerResponse:
     """Send the request that makes the application send mail. A non-2xx answer raises
-    ``ProbeFailed`` with the status and a body excerpt; no answer raises
-    ``TargetUnreachable``."""
+    ``ProbeFailed`` with the status and a body excerpt, except a 401 or 403 to a request
+    carrying ``bearer_token``: that is our token refused, ``AuthRejected`` (broken, not a
+    verdict on the application). No answer raises ``TargetUnreachable``."""
     if bearer_token:
         register(bearer_token)
     send_headers = dict(headers or {})
@@ -143,6 +145,13 @@ def trigger_app(
         answered_utc=datetime.now(UTC),
         answered_monotonic=answered,
     )
+    if bearer_token and response.status in REFUSED:
+        raise AuthRejected(
+            STAGE,
+            f"{result.method} {result.url} answered {response.status}: the application "
+            f"refused the bearer token: {result.excerpt or 'empty body'}",
+            credential="trigger",
+        )
     if not 200 <= response.status < 300:
         raise ProbeFailed(
             STAGE,

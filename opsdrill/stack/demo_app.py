@@ -17,7 +17,10 @@ registered there would be masked in every message of the process.
 
 Test switches (``DemoApp``): ``set_redirect``/``clear_redirect`` edit ``EMAIL_REDIRECT_TO``
 in the .env; ``omit_activation_link``/``include_activation_link`` make the invitation go
-out without its link (``controls.json`` beside the .env, read per request).
+out without its link; ``failing_invites(status)`` makes the invite endpoint answer
+``status`` (500: an application error) without sending; ``dropping_invites`` makes it
+answer 201 and send nothing (a queue worker that loses the job). The switches live in
+``controls.json`` beside the .env, read per request.
 
 Run as ``python -m opsdrill.stack.demo_app CONFIG.json``; nothing it logs holds a secret.
 """
@@ -151,9 +154,15 @@ class _App:
         email = payload.get("email") if isinstance(payload, dict) else None
         if not isinstance(email, str) or "@" not in email or any(c in email for c in "\r\n "):
             return 400, {"error": "email: an address is required"}
+        controls = self.controls()
+        failing = controls.get("fail_invites_with")
+        if isinstance(failing, int) and failing:
+            return failing, {"error": "internal error: the invitation was not sent"}
+        if controls.get("drop_invites"):  # a worker that loses the job: 201, nothing sent
+            return 201, {"status": "invited", "email": email}
         token = secrets.token_urlsafe(24)
         link = f"{self.public_url}{ACTIVATE_PATH}?token={token}"
-        omit = bool(self.controls().get("omit_activation_link"))
+        omit = bool(controls.get("omit_activation_link"))
         msg = invitation(env, email, None if omit else link)
         try:
             send(env, msg, self.ca_file)
@@ -319,6 +328,25 @@ class DemoApp:
             yield
         finally:
             self.include_activation_link()
+
+    @contextlib.contextmanager
+    def failing_invites(self, status: int = 500) -> Iterator[None]:
+        """Inside, the invite endpoint answers ``status`` (after checking the token) and
+        sends nothing."""
+        self._set_control("fail_invites_with", status)
+        try:
+            yield
+        finally:
+            self._set_control("fail_invites_with", None)
+
+    @contextlib.contextmanager
+    def dropping_invites(self) -> Iterator[None]:
+        """Inside, the invite endpoint answers 201 as usual but sends nothing."""
+        self._set_control("drop_invites", True)
+        try:
+            yield
+        finally:
+            self._set_control("drop_invites", False)
 
     def _set_control(self, key: str, value: Any) -> None:
         path = self.base / CONTROLS_FILE
