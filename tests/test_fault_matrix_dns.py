@@ -175,6 +175,7 @@ def test_unmodified_stack_passes_every_dns_check_with_labels(env: Env, knot: Kno
 # -- SPF -------------------------------------------------------------------------------------
 
 
+@proves(failed=["dns.spf.record", "dns.spf.policy"])
 def test_two_spf_records_fail_record(env: Env, knot: KnotServer) -> None:
     second = "v=spf1 include:_spf.relay-two.test -all"
     knot.set_records(MAIN, "@", "TXT", [MAIN_SPF, second])
@@ -192,6 +193,7 @@ def test_two_spf_records_fail_record(env: Env, knot: KnotServer) -> None:
     assert_fails(run, "dns.spf.policy", f"dns:{MAIN}", "found 2 SPF records", "dns.spf.record")
 
 
+@proves(failed=["dns.spf.policy"])
 def test_softfail_fails_outside_a_migration_window_and_passes_inside(
     env: Env, knot: KnotServer
 ) -> None:
@@ -218,6 +220,7 @@ def test_softfail_fails_outside_a_migration_window_and_passes_inside(
     assert title == f"{MAIN}'s SPF record ends in '-all' ('~all' allowed: migration window open)"
 
 
+@proves(failed=["dns.spf.providers"])
 def test_missing_provider_include_fails_providers(env: Env, knot: KnotServer) -> None:
     knot.set_records(MAIN, "@", "TXT", "v=spf1 mx -all")
     run = dns_checks(env, "check_dns_spf.py")
@@ -233,6 +236,7 @@ def test_missing_provider_include_fails_providers(env: Env, knot: KnotServer) ->
     assert_passes(run, "dns.spf.senders", f"dns:{MAIN}")  # mx still covers 127.0.0.1
 
 
+@proves(failed=["dns.spf.lookups"])
 def test_eleven_lookups_through_nested_includes_fail_lookups(env: Env, knot: KnotServer) -> None:
     # mx + include:relay-one + include:_spf-1 = 3 here, and _spf-1 .. _spf-8 each include
     # the next: 8 more, 11 in all; _spf-9 lists an address only.
@@ -254,6 +258,7 @@ def test_eleven_lookups_through_nested_includes_fail_lookups(env: Env, knot: Kno
     assert_passes(run, "dns.spf.record", f"dns:{MAIN}")
 
 
+@proves(failed=["dns.spf.lookups"])
 def test_three_void_lookups_fail_lookups(env: Env, knot: KnotServer) -> None:
     voids = " ".join(f"a:void{n}.{MAIN}" for n in (1, 2, 3))
     knot.set_records(MAIN, "@", "TXT", MAIN_SPF.replace(" -all", f" {voids} -all"))
@@ -272,6 +277,7 @@ def test_three_void_lookups_fail_lookups(env: Env, knot: KnotServer) -> None:
 # -- DKIM ------------------------------------------------------------------------------------
 
 
+@proves(failed=["dns.dkim.selector"])
 def test_revoked_dkim_key_fails_selector(env: Env, knot: KnotServer) -> None:
     knot.set_records(MAIN, "sel1._domainkey", "TXT", "v=DKIM1; k=rsa; p=")
     run = dns_checks(env, "check_dns_dkim.py", keyword=f"dkim:{MAIN}/sel1")
@@ -284,6 +290,7 @@ def test_revoked_dkim_key_fails_selector(env: Env, knot: KnotServer) -> None:
     )
 
 
+@proves(failed=["dns.dkim.selector"])
 def test_1024_bit_dkim_key_fails_selector(env: Env, knot: KnotServer) -> None:
     knot.set_records(MAIN, "sel1._domainkey", "TXT", f"v=DKIM1; k=rsa; p={rsa_public_b64(1024)}")
     run = dns_checks(env, "check_dns_dkim.py", keyword=f"dkim:{MAIN}/sel1")
@@ -296,6 +303,7 @@ def test_1024_bit_dkim_key_fails_selector(env: Env, knot: KnotServer) -> None:
     )
 
 
+@proves(failed=["dns.dkim.selector"])
 def test_dkim_testing_flag_fails_selector(env: Env, knot: KnotServer) -> None:
     record = published_txt(knot, f"sel1._domainkey.{MAIN}")
     assert record.startswith("v=DKIM1; k=rsa; p=")
@@ -307,6 +315,7 @@ def test_dkim_testing_flag_fails_selector(env: Env, knot: KnotServer) -> None:
 # -- DMARC -----------------------------------------------------------------------------------
 
 
+@proves(failed=["dns.dmarc.record", "dns.dmarc.policy"])
 def test_missing_dmarc_fails_record(env: Env, knot: KnotServer) -> None:
     knot.remove_records(MAIN, "_dmarc", "TXT")
     run = dns_checks(env, "check_dns_dmarc.py")
@@ -320,6 +329,7 @@ def test_missing_dmarc_fails_record(env: Env, knot: KnotServer) -> None:
     assert_fails(run, "dns.dmarc.policy", f"dns:{MAIN}", "no single DMARC record")
 
 
+@proves(failed=["dns.dmarc.record"])
 def test_two_dmarc_records_fail_record(env: Env, knot: KnotServer) -> None:
     knot.set_records(MAIN, "_dmarc", "TXT", [demo_dns.DMARC_RECORD, "v=DMARC1; p=none"])
     run = dns_checks(env, "check_dns_dmarc.py")
@@ -333,6 +343,7 @@ def test_two_dmarc_records_fail_record(env: Env, knot: KnotServer) -> None:
     )
 
 
+@proves(failed=["dns.dmarc.policy"])
 def test_dmarc_policy_none_below_the_minimum_fails_policy(env: Env, knot: KnotServer) -> None:
     knot.set_records(MAIN, "_dmarc", "TXT", demo_dns.DMARC_RECORD.replace("p=reject;", "p=none;"))
     run = dns_checks(env, "check_dns_dmarc.py")
@@ -345,6 +356,7 @@ def test_dmarc_policy_none_below_the_minimum_fails_policy(env: Env, knot: KnotSe
     assert_passes(run, "dns.dmarc.record", f"dns:{MAIN}")
 
 
+@proves(failed=["dns.dmarc.reports"])
 def test_external_rua_without_authorisation_fails_reports(env: Env, knot: KnotServer) -> None:
     reports = demo_dns.REPORTS_DOMAIN
     knot.remove_records(reports, f"{MAIN}._report._dmarc", "TXT")
@@ -365,6 +377,7 @@ def test_external_rua_without_authorisation_fails_reports(env: Env, knot: KnotSe
 # -- MX --------------------------------------------------------------------------------------
 
 
+@proves(failed=["dns.mx"])
 def test_mx_at_the_application_host_fails(env: Env, knot: KnotServer) -> None:
     knot.set_records(MAIN, "@", "MX", f"10 {demo_dns.APP_HOST}.")
     run = dns_checks(env, "check_dns_mx.py")
@@ -377,6 +390,7 @@ def test_mx_at_the_application_host_fails(env: Env, knot: KnotServer) -> None:
     )
 
 
+@proves(failed=["dns.mx"])
 def test_mx_target_that_is_a_cname_fails(env: Env, knot: KnotServer) -> None:
     knot.set_records(MAIN, "mail-alias", "CNAME", f"{demo_dns.MAIL_HOST}.")
     knot.set_records(MAIN, "@", "MX", f"10 mail-alias.{MAIN}.")
@@ -393,6 +407,7 @@ def test_mx_target_that_is_a_cname_fails(env: Env, knot: KnotServer) -> None:
 # -- discovery -------------------------------------------------------------------------------
 
 
+@proves(failed=["dns.discovery"])
 def test_discovered_domain_without_expectations_fails_discovery(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -421,9 +436,24 @@ def test_discovered_domain_without_expectations_fails_discovery(
     assert MAIN not in msg.split("found:", 1)[1] and PORTAL not in msg.split("found:", 1)[1]
 
 
+@proves(broken=["dns.discovery"])
+def test_discovery_database_refusing_our_login_is_broken_naming_the_variable(
+    env: Env, tmp_path: Path
+) -> None:
+    var = env.data["databases"]["crm"]["password_env"]
+    env.with_secret(tmp_path, var, "rotated-elsewhere-4b1d")
+    run = env.run_checks("check_dns_discovery.py")
+    res = result(run, "dns.discovery", "discovery:crm")
+    assert res["status"] == "broken", message(res)
+    assert f"databases.crm.password_env = {var}, set in env_file" in message(res)
+    assert run.returncode == 2, run.output[-2000:]
+    assert "rotated-elsewhere-4b1d" not in run.output
+
+
 # -- an unreachable resolver -----------------------------------------------------------------
 
 
+@proves(broken=DNS_CHECKS[:-1])
 def test_resolver_timeout_is_broken_not_failed(env: Env) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))  # receives the queries, never answers
@@ -500,6 +530,7 @@ def test_migration_not_ready_without_the_new_provider_in_spf(env: Env, knot: Kno
     )
 
 
+@proves(failed=["dns.spf.senders"])
 def test_sending_ip_outside_every_authorised_range_fails_senders(
     env: Env, knot: KnotServer
 ) -> None:

@@ -33,6 +33,7 @@ DOWN = Check("demo.unreachable", "normal", RUNBOOK, "demo", "demo")
 CREDS = Check("demo.credentials", "normal", RUNBOOK, "demo", "demo")
 SETUP = Check("demo.fixture_assert", "normal", RUNBOOK, "demo", "demo")
 SKIP = Check("demo.not_configured", "normal", RUNBOOK, "demo", "demo")
+LEAK = Check("demo.secret_in_frame", "normal", RUNBOOK, "demo", "demo")
 
 
 @pytest.fixture
@@ -81,6 +82,17 @@ def check_fixture_assert(facade):
 @SKIP
 def check_not_configured():
     pytest.skip("no [mirrors] in the inventory")
+
+
+def login(user, password):  # a long traceback shows this frame's arguments
+    raise CredentialsRejected(f"IMAP refused the login of {user} (fix: check X_PASSWORD)")
+
+
+@LEAK
+def check_secret_in_frame():
+    from opsdrill.secrets import register
+
+    login("probe@x", register("hunter2-in-a-frame-9c1"))
 """
 
 
@@ -141,10 +153,16 @@ def test_each_kind_of_raise_has_one_outcome_everywhere(tmp_path: Path) -> None:
         "demo.credentials": "broken",
         "demo.fixture_assert": "broken",
         "demo.not_configured": "skipped",
+        "demo.secret_in_frame": "broken",
     }
     for check_id, status in expected.items():
         run.assert_outcome(check_id, status, exit_code=1)  # a failure outranks the rest
-    assert run.summary == {"failed": 1, "broken": 4, "passed": 1, "skipped": 1}, run.output
+    assert run.summary == {"failed": 1, "broken": 5, "passed": 1, "skipped": 1}, run.output
+    # a frame's arguments reach neither the terminal nor Allure's trace
+    trace = run.by_check("demo.secret_in_frame")["statusDetails"]["trace"]
+    assert "password = ***" in trace, trace
+    for text in [run.output, *(p.read_text() for p in run.results_dir.iterdir())]:
+        assert "hunter2-in-a-frame-9c1" not in text
     # a bare assert is our bug, said so; it is never a verdict on the target
     assert "this is a bug in opsdrill, not a verdict on the target" in run.message(
         "demo.bare_assert"
@@ -166,7 +184,12 @@ def test_broken_without_failures_is_exit_2_and_says_broken(
 ) -> None:
     path = tmp_path / "checks.prom"
     run = synthetic(
-        tmp_path, "-k", "unreachable or credentials or ok", "--metrics-file", str(path), *workers
+        tmp_path,
+        "-k",
+        "unreachable or credentials or check_ok",
+        "--metrics-file",
+        str(path),
+        *workers,
     )
     run.assert_outcome("demo.unreachable", "broken", exit_code=2)
     run.assert_outcome("demo.credentials", "broken", exit_code=2)
