@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.registry import ROOT, check_catalogue, claims, render_catalogue
+from tests import registry
+from tests.registry import ROOT, claims, render_catalogue
 
 
 def test_every_check_has_a_test_that_fails_it_and_one_that_breaks_it() -> None:
-    checks = check_catalogue()
+    checks = registry.check_catalogue()
     proven = claims()
     assert len(checks) >= 39
     gaps = [
@@ -28,7 +29,7 @@ def test_every_check_has_a_test_that_fails_it_and_one_that_breaks_it() -> None:
 
 
 def test_claims_name_real_check_ids() -> None:
-    checks = check_catalogue()
+    checks = registry.check_catalogue()
     unknown = sorted({check_id for check_id, _ in claims() if check_id not in checks})
     assert not unknown, f"@proves names check ids that do not exist: {unknown}"
 
