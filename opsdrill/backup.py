@@ -5,6 +5,11 @@ Order of events, chosen so that nothing incomplete ever looks good:
 2. stream the dump into a multipart upload; any failed stage aborts the upload;
 3. check the stored object's size against what we sent;
 4. upload the manifest last. Only object + manifest together count as a backup.
+
+Exit codes follow from the error types: a failing stage (pg_dump, the compressor, gpg, a
+short object) is ``OperationFailed`` (1); a store that cannot be reached or refuses
+opsdrill's key pair, before or in the middle of the upload, is the store's ``unreachable``
+error (2), like a database that is down or refuses the backup role's password.
 """
 
 from __future__ import annotations
@@ -19,17 +24,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from minio.error import S3Error
 
 from opsdrill import __version__, catalog
-from opsdrill.errors import OperationFailed, OpsdrillError
+from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError, TargetUnreachable
 from opsdrill.gpg import GpgHome
-from opsdrill.inventory import Database, Inventory
+from opsdrill.inventory import Database, Inventory, Store
 from opsdrill.manifest import Manifest
 from opsdrill.pg import Endpoint, collect_stats, database_endpoint, server_info
 from opsdrill.pipeline import HashingReader, Pipeline, Stage
 from opsdrill.progress import Progress
-from opsdrill.s3 import PART_SIZE, client
+from opsdrill.s3 import PART_SIZE, S3_ERRORS, client, unreachable
 from opsdrill.stack.postgres import pg_bindir
 
 LOCK_WAIT_MS = 120_000
@@ -66,6 +70,15 @@ def compress_stage(db: Database) -> Stage:
     )
 
 
+def require_tool(stage: Stage) -> None:
+    """A missing tool is opsdrill's problem (exit 2), found before anything starts."""
+    if shutil.which(stage.argv[0]) is None:
+        raise ConfigError(
+            f"{stage.name}: {stage.argv[0]} not found on PATH (fix: install it, e.g. "
+            f"apt-get install {stage.argv[0]})"
+        )
+
+
 def run_backup(
     inv: Inventory, name: str, *, now: datetime | None = None, progress: Progress | None = None
 ) -> Manifest:
@@ -77,6 +90,7 @@ def run_backup(
     s3 = client(inv, store)
     key = catalog.data_key(store, name, taken_at, db.compression, db.encrypt)
     progress = progress or Progress(f"backup {name}")
+    require_tool(compress_stage(db))
 
     with GpgHome() as home:
         key_ids: dict[str, list[str]] = {}
@@ -118,7 +132,7 @@ def run_backup(
                 pipeline = Pipeline(stages)
                 try:
                     reader = HashingReader(pipeline, on_bytes=progress.add)
-                    _upload(s3, store.bucket, key, reader, name, db)
+                    _upload(s3, store_name, store, key, reader, name, db)
                 finally:
                     pipeline.close()
                     progress.done()
@@ -126,11 +140,21 @@ def run_backup(
                     stats = stats_future.result()
                 except psycopg.Error as exc:
                     _discard(s3, store.bucket, key)
+                    if snap_conn.broken:  # the server went away: not a fault of the data
+                        raise TargetUnreachable(
+                            f"{endpoint.label} ({endpoint.where}): the connection was lost "
+                            f"while counting rows for the manifest: {str(exc).strip()[:300]} "
+                            f"(fix: check that the server is up; {endpoint.settings})"
+                        ) from None
                     raise OperationFailed("manifest", f"counting rows failed: {exc}") from None
         finally:
             snap_conn.close()
 
-        stored = s3.stat_object(store.bucket, key)
+        try:
+            stored = s3.stat_object(store.bucket, key)
+        except S3_ERRORS as exc:
+            _discard(s3, store.bucket, key)
+            raise _store_error(store_name, store, exc, f"checking the uploaded {key}") from None
         if stored.size != reader.size:
             _discard(s3, store.bucket, key)
             raise OperationFailed(
@@ -164,21 +188,39 @@ def run_backup(
             duration_seconds=round(time.monotonic() - started, 3),
         )
     manifest_key = catalog.manifest_key(store, name, taken_at)
+    body = manifest.to_json()
     try:
-        body = manifest.to_json()
         s3.put_object(
             store.bucket, manifest_key, io.BytesIO(body), len(body), content_type="application/json"
         )
-    except Exception as exc:
+    except S3_ERRORS as exc:
+        _discard(s3, store.bucket, key)  # best effort: without a manifest it never counts
+        raise _store_error(store_name, store, exc, f"manifest upload {manifest_key}") from None
+    except BaseException:
         _discard(s3, store.bucket, key)
-        raise OperationFailed("manifest upload", _describe(exc)) from None
+        raise
     return manifest
 
 
-def _upload(s3: Any, bucket: str, key: str, reader: HashingReader, name: str, db: Database) -> None:
+def _upload(
+    s3: Any,
+    store_name: str,
+    store: Store,
+    key: str,
+    reader: HashingReader,
+    name: str,
+    db: Database,
+) -> None:
+    """Stream the pipeline into a multipart upload; minio aborts the upload on any error.
+
+    A failed stage surfaces as its ``OperationFailed`` (exit 1). A store error (down,
+    dropped mid-upload, timed out, our key refused) becomes the store's ``unreachable``
+    error (exit 2); if the stage failed first and the abort then could not reach the store,
+    the stage's failure is the one reported.
+    """
     try:
         s3.put_object(
-            bucket,
+            store.bucket,
             key,
             reader,
             length=-1,
@@ -195,15 +237,19 @@ def _upload(s3: Any, bucket: str, key: str, reader: HashingReader, name: str, db
         )
     except OpsdrillError:
         raise  # a pipeline stage failed; minio already aborted the multipart upload
-    except Exception as exc:
-        raise OperationFailed("upload", _describe(exc)) from None
+    except S3_ERRORS as exc:
+        if isinstance(exc.__context__, OpsdrillError):
+            raise exc.__context__ from None  # the stage failed; the abort then failed too
+        raise _store_error(store_name, store, exc, f"upload of {key}") from None
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, S3Error):
-        return f"S3 error {exc.code}: {exc.message}"
-    text = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"
+def _store_error(
+    store_name: str, store: Store, exc: BaseException, doing: str
+) -> TargetUnreachable:
+    """The store's ``unreachable`` error (same class: refused credentials stay
+    ``CredentialsRejected``), saying what was being done: nothing was left that counts."""
+    err = unreachable(store_name, store, exc)
+    return type(err)(f"{doing}: {err.message}; nothing from this run counts as a backup")
 
 
 def _discard(s3: Any, bucket: str, key: str) -> None:

@@ -24,15 +24,13 @@ from datetime import UTC, datetime
 from subprocess import DEVNULL, PIPE
 from typing import Any
 
-import urllib3
 from minio import Minio
-from minio.error import MinioException
 
 from opsdrill.catalog import MANIFEST_SUFFIX, TS_FORMAT, pair_objects
 from opsdrill.errors import ConfigError, OperationFailed, TargetUnreachable
-from opsdrill.gpg import GpgHome, inspect
+from opsdrill.gpg import GpgHome, import_drill_key, inspect
 from opsdrill.inventory import Gpg, Inventory, Store, parse_env_text
-from opsdrill.s3 import client, unreachable
+from opsdrill.s3 import S3_ERRORS, client, unreachable
 from opsdrill.secrets import register
 
 FORMAT = "opsdrill-secrets-manifest/1"
@@ -44,7 +42,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KEY = re.compile(
     r"(?P<id>(?P<name>[^/]+)-(?P<ts>\d{8}T\d{6}Z))(?P<suffix>\.env\.gpg|\.manifest\.json)$"
 )
-_S3_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
 
 
 @dataclass
@@ -141,7 +138,7 @@ def backup_bundle(inv: Inventory, name: str, *, now: datetime | None = None) -> 
     _put(s3, store_name, store, base + DATA_SUFFIX, blob, "upload")
     try:
         _put(s3, store_name, store, base + MANIFEST_SUFFIX, manifest.to_json(), "manifest upload")
-    except OperationFailed:
+    except BaseException:
         with contextlib.suppress(Exception):  # without a manifest it never counts anyway
             s3.remove_object(store.bucket, base + DATA_SUFFIX)
         raise
@@ -153,7 +150,7 @@ def list_bundles(inv: Inventory, name: str) -> list[BundleRef]:
     store_name, store, prefix, _ = _where(inv, name)
     try:
         objects = list(client(inv, store).list_objects(store.bucket, prefix, recursive=True))
-    except _S3_ERRORS as exc:
+    except S3_ERRORS as exc:
         raise unreachable(store_name, store, exc) from None
     return [
         BundleRef(
@@ -195,34 +192,40 @@ def decrypt_bundle(inv: Inventory, name: str, ref: BundleRef) -> dict[str, str]:
 
 
 def decrypt_bundle_raw(inv: Inventory, name: str, ref: BundleRef) -> bytes:
-    """The env file exactly as it was read (comments, quoting), for restoring onto a host."""
-    store_name, store, _, gpg = _where(inv, name)
-    if not gpg.drill_private_key_file:
-        raise ConfigError(f"{inv.path}: gpg.drill_private_key_file: missing (fix: add it)")
-    if ref.data_key is None:
-        raise OperationFailed("decrypt", f"bundle {ref.id}: the encrypted object is missing")
-    manifest = read_manifest(inv, name, ref) if ref.manifest_key else None
-    blob = _get(client(inv, store), store_name, store, ref.data_key)
-    if manifest is not None:
-        want = (manifest.object["size"], manifest.object["sha256"])
-        if want != (len(blob), hashlib.sha256(blob).hexdigest()):
-            raise OperationFailed("verify", f"bundle {ref.id}: object differs from its manifest")
-    passphrase = inv.secret(gpg.drill_passphrase_env) if gpg.drill_passphrase_env else ""
+    """The env file exactly as it was read (comments, quoting), for restoring onto a host.
+
+    The drill key's passphrase is proven first, before anything is downloaded: a wrong one
+    is ``CredentialsRejected`` naming ``gpg.drill_passphrase_env`` (opsdrill's credential),
+    so a later decryption failure can only mean the bundle is not encrypted to that key
+    (``OperationFailed``: the bundle is wrong).
+    """
+    store_name, store, _, _ = _where(inv, name)
     with GpgHome() as home:
+        _, drill, passphrase = import_drill_key(home, inv)
+        if ref.data_key is None:
+            raise OperationFailed("decrypt", f"bundle {ref.id}: the encrypted object is missing")
+        manifest = read_manifest(inv, name, ref) if ref.manifest_key else None
+        blob = _get(client(inv, store), store_name, store, ref.data_key)
+        if manifest is not None:
+            want = (manifest.object["size"], manifest.object["sha256"])
+            if want != (len(blob), hashlib.sha256(blob).hexdigest()):
+                raise OperationFailed(
+                    "verify", f"bundle {ref.id}: object differs from its manifest"
+                )
         packets = inspect(blob, home)
         if not packets.encrypted_data:  # gpg --decrypt passes unencrypted data through
             raise OperationFailed("verify", f"bundle {ref.id}: the object is not encrypted")
-        key_file = inv.resolve_path(gpg.drill_private_key_file)
-        drill = home.import_keys(key_file, what="gpg.drill_private_key_file")
         try:
             plain = _decrypt(home, blob, passphrase)
         except OperationFailed as exc:
             to = ", ".join(manifest.object.get("recipients") or []) if manifest else ""
             raise OperationFailed(
                 "decrypt",
-                f"bundle {ref.id}: the drill key {', '.join(sorted(set(drill)))} cannot decrypt "
-                f"it (wrong key or passphrase; {exc.message.removeprefix('decrypt: ')}); it was "
-                f"encrypted to {to or 'key ids ' + ', '.join(packets.recipient_key_ids)}",
+                f"bundle {ref.id}: the drill key {', '.join(drill)} cannot decrypt it: it was "
+                f"encrypted to {to or 'key ids ' + ', '.join(packets.recipient_key_ids)} and "
+                f"the drill key is none of them ({exc.message.removeprefix('decrypt: ')}; fix: "
+                "back it up again to the [gpg] recipients, or point "
+                "gpg.drill_private_key_file at a recipient's key)",
             ) from None
     parse_env_bytes(plain, f"bundle {ref.id}")  # registers every value for redaction
     return plain
@@ -341,11 +344,14 @@ def _gpg_run(argv: list[str], data: bytes, stage: str, pass_fds: tuple[int, ...]
 
 
 def _put(s3: Minio, store_name: str, store: Store, key: str, body: bytes, stage: str) -> None:
+    """A store that cannot take the object is the store's ``unreachable`` error (exit 2),
+    naming what was being done; nothing is a bundle until its manifest is stored."""
     kind = "application/json" if key.endswith(MANIFEST_SUFFIX) else "application/octet-stream"
     try:
         s3.put_object(store.bucket, key, io.BytesIO(body), len(body), content_type=kind)
-    except _S3_ERRORS as exc:
-        raise OperationFailed(stage, unreachable(store_name, store, exc).message) from None
+    except S3_ERRORS as exc:
+        err = unreachable(store_name, store, exc)
+        raise type(err)(f"{stage} {key}: {err.message}") from None
 
 
 def _get(s3: Minio, store_name: str, store: Store, key: str) -> bytes:
@@ -356,7 +362,7 @@ def _get(s3: Minio, store_name: str, store: Store, key: str) -> bytes:
         finally:
             response.close()
             response.release_conn()
-    except _S3_ERRORS as exc:
+    except S3_ERRORS as exc:
         raise unreachable(store_name, store, exc) from None
     if len(raw) > MAX_OBJECT:
         raise OperationFailed("download", f"{key}: larger than {MAX_OBJECT} bytes: not a bundle")

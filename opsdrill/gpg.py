@@ -9,6 +9,7 @@ operator's own keyring never changes what a backup is encrypted to.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ from types import TracebackType
 
 import gnupg
 
-from opsdrill.errors import ConfigError
+from opsdrill.errors import ConfigError, CredentialsRejected
+from opsdrill.inventory import Inventory
 
 _PKESK = re.compile(r":pubkey enc packet: version \d+, algo \d+, keyid ([0-9A-F]{16})")
 GPG = "gpg"
@@ -85,9 +87,13 @@ class GpgHome:
             out[fpr] = ids
         return out
 
-    def check_decrypts(self, secret_key: Path, passphrase: str, recipients: list[str]) -> None:
-        """Prove the drill key decrypts what backups are encrypted to (round trip)."""
-        self.import_keys(secret_key, what="gpg.drill_private_key_file")
+    def check_decrypts(self, inv: Inventory, recipients: list[str]) -> None:
+        """Prove the drill key decrypts what backups are encrypted to (round trip).
+
+        A wrong passphrase is ``CredentialsRejected`` (see ``import_drill_key``); a key that
+        is none of the recipients is a ``ConfigError``.
+        """
+        secret_key, drill, passphrase = import_drill_key(self, inv)
         probe = "opsdrill key check"
         enc = self.gpg.encrypt(probe, recipients, always_trust=True, armor=False)
         if not enc.ok:
@@ -96,9 +102,42 @@ class GpgHome:
         if str(dec) != probe:
             raise ConfigError(
                 f"gpg.drill_private_key_file {secret_key}: cannot decrypt backups encrypted to "
-                f"{', '.join(recipients)} ({dec.status or 'no usable secret key'}; check "
-                "the passphrase variable and that the key belongs to a recipient)"
+                f"{', '.join(recipients)}: the drill key {', '.join(drill)} is none of them "
+                "(fix: point gpg.drill_private_key_file at a recipient's private key, or add "
+                "the drill key to gpg.recipients)"
             )
+
+    def unlock_error(self, fingerprints: list[str], passphrase: str) -> str | None:
+        """None if ``passphrase`` unlocks these secret keys (a probe encrypted to them here
+        decrypts), else gpg's reason. Run it before any other decryption in this home:
+        gpg-agent caches a passphrase that worked, and gpg reports a wrong one as "No
+        secret key", exactly like a message encrypted to someone else."""
+        enc = self.gpg.encrypt(
+            "opsdrill passphrase check", fingerprints, always_trust=True, armor=False
+        )
+        if not enc.ok:
+            raise ConfigError(
+                f"gpg.drill_private_key_file: cannot encrypt to the drill key itself "
+                f"({enc.status or 'no encryption subkey'}): is it an encryption key?"
+            )
+        read_fd, write_fd = os.pipe()
+        try:
+            os.write(write_fd, passphrase.encode() + b"\n")  # far below the pipe buffer size
+            os.close(write_fd)
+            proc = subprocess.run(
+                self.decrypt_argv(read_fd),
+                input=enc.data,
+                capture_output=True,
+                timeout=60,
+                pass_fds=(read_fd,),
+                check=False,
+            )
+        finally:
+            os.close(read_fd)
+        if proc.returncode == 0 and proc.stdout == b"opsdrill passphrase check":
+            return None
+        lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1].removeprefix("gpg: ")[:200] if lines else f"gpg exited {proc.returncode}"
 
     def encrypt_argv(self, recipients: list[str]) -> list[str]:
         argv = [*self.base_argv(), "--trust-model", "always", "--compress-algo", "none"]
@@ -111,6 +150,48 @@ class GpgHome:
         if passphrase_fd is not None:
             argv += ["--passphrase-fd", str(passphrase_fd)]
         return [*argv, "--decrypt", "--output", "-"]
+
+
+def import_drill_key(home: GpgHome, inv: Inventory) -> tuple[Path, list[str], str]:
+    """Import ``gpg.drill_private_key_file`` and prove its passphrase unlocks it.
+
+    Returns (the key file, its secret key fingerprints, the passphrase). Done before
+    anything is downloaded, so that a drill with a wrong passphrase fails at once, and so
+    that a later decryption failure can only mean the data was not encrypted to this key.
+    A wrong or missing passphrase is ``CredentialsRejected`` naming
+    ``gpg.drill_passphrase_env`` and its variable: opsdrill's own credential, not a fault of
+    any backup.
+    """
+    gpg = inv.model.gpg
+    if gpg is None or not gpg.drill_private_key_file:
+        raise ConfigError(
+            f"{inv.path}: gpg.drill_private_key_file: missing; encrypted data cannot be "
+            "decrypted without it (fix: point it at the armored private key)"
+        )
+    key_file = inv.resolve_path(gpg.drill_private_key_file)
+    home.import_keys(key_file, what="gpg.drill_private_key_file")
+    secret = sorted({str(k["fingerprint"]) for k in home.gpg.list_keys(True)})
+    if not secret:
+        raise ConfigError(
+            f"gpg.drill_private_key_file {key_file}: holds no private key, only a public "
+            "one (fix: export it with gpg --export-secret-keys --armor)"
+        )
+    var = gpg.drill_passphrase_env
+    passphrase = inv.secret(var) if var else ""
+    reason = home.unlock_error(secret, passphrase)
+    if reason is None:
+        return key_file, secret, passphrase
+    where = f"the drill key {', '.join(secret)} in gpg.drill_private_key_file {key_file}"
+    if not any(w in reason.lower() for w in ("secret key", "passphrase", "decryption failed")):
+        raise ConfigError(f"gpg could not use {where}: {reason}")  # e.g. no gpg-agent
+    setting = (
+        inv.secret_setting("gpg.drill_passphrase_env", var)
+        if var
+        else "gpg.drill_passphrase_env (not set: no passphrase was given)"
+    )
+    raise CredentialsRejected(
+        f"{where} did not accept opsdrill's passphrase (gpg: {reason}; fix: check {setting})"
+    )
 
 
 @dataclass(frozen=True)

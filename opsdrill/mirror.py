@@ -9,7 +9,9 @@ Why it is shaped this way:
 - never destructive: in the versioned target bucket an overwrite keeps the previous copy (an
   unversioned one gets new keys only; changed ones are refused, loudly), and nothing is
   deleted unless ``delete_mode = "propagate"`` (a test-only wrong mode);
-- one bad object never stops the others: its error is collected and the run goes on.
+- one bad object never stops the others: its error is collected and the run goes on;
+  an object that failed because a store could not be reached or refused opsdrill's key
+  (``store_errors``) says nothing about the data, so such a run exits 2, not 1.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ from minio.error import MinioException, S3Error
 from urllib3.exceptions import HTTPError
 from urllib3.response import BaseHTTPResponse
 
-from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError, RefusedError
+from opsdrill.errors import (
+    ConfigError,
+    OperationFailed,
+    OpsdrillError,
+    RefusedError,
+    TargetUnreachable,
+)
 from opsdrill.inventory import Inventory, Store
-from opsdrill.s3 import PART_SIZE, client, iter_chunks, unreachable
+from opsdrill.s3 import CREDENTIAL_CODES, PART_SIZE, client, iter_chunks, unreachable
 from opsdrill.secrets import redact
 
 SHA_META = "opsdrill-sha256"
@@ -58,10 +66,23 @@ class MirrorSummary:
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)  # "key: reason", never a secret
     kind: str = "mirror"  # or "restore": the first word of line()
+    # how many of ``errors`` a store caused (unreachable, timed out, our key refused),
+    # and then which store and what to fix: the data was not judged
+    store_errors: int = 0
+    unreachable: str | None = None
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    @property
+    def exit_code(self) -> int:
+        """0 all copied; 1 an object failed for its own sake (it changed while copied, an
+        overwrite refused, a copy that does not match its hash); else 2 when only stores
+        failed objects (opsdrill could not do its job: see ``unreachable``)."""
+        if len(self.errors) > self.store_errors:
+            return 1
+        return 2 if self.store_errors else 0
 
     def line(self) -> str:
         deleted = f", deleted {self.deleted}" if self.deleted else ""
@@ -206,14 +227,14 @@ def run_mirror(inv: Inventory, name: str, *, workers: int | None = None) -> Mirr
                 dst.s3.remove_object(dst.bucket, dst.prefix + rel)
                 summary.deleted += 1
             except _NETWORK as exc:
-                summary.errors.append(f"{dst.prefix}{rel}: {_reason(exc)}")
+                _record(summary, f"{dst.prefix}{rel}", exc)
     if fresh != index:
         body = json.dumps({"format": INDEX_FORMAT, "objects": fresh}, sort_keys=True).encode()
         try:
             dst.s3.put_object(dst.bucket, index_name, io.BytesIO(body), len(body))
         except _NETWORK as exc:
-            summary.errors.append(f"{index_name}: {_reason(exc)} (the next run re-hashes)")
-    return _finish(summary, started)
+            _record(summary, index_name, exc, " (the next run re-hashes)")
+    return _finish(summary, started, src, dst)
 
 
 def _mirror_one(
@@ -303,7 +324,7 @@ def restore_mirror(
 
     jobs = {rel: partial(_restore_one, src, dst, rel, v) for rel, v in wanted.items()}
     _parallel(pool_size, jobs, done, summary, src.prefix)
-    return _finish(summary, started)
+    return _finish(summary, started, src, dst)
 
 
 def _as_of(listing: list[tuple[str, Listed]], when: datetime | None) -> dict[str, Listed]:
@@ -387,9 +408,23 @@ def _parallel(
             try:
                 result = future.result()
             except Exception as exc:  # one object's failure must not stop the others
-                summary.errors.append(f"{prefix}{futures[future]}: {_reason(exc)}")
+                _record(summary, f"{prefix}{futures[future]}", exc)
             else:
                 done(futures[future], result)
+
+
+def _record(summary: MirrorSummary, key: str, exc: BaseException, note: str = "") -> None:
+    summary.errors.append(f"{key}: {_reason(exc)}{note}")
+    if _store_level(exc):
+        summary.store_errors += 1
+
+
+def _store_level(exc: BaseException) -> bool:
+    """Whether a store, not the object, failed the request: the transport (refused, reset,
+    timed out), a reply that is not S3, our key refused, the bucket gone."""
+    if isinstance(exc, S3Error):
+        return exc.code in CREDENTIAL_CODES or exc.code == "NoSuchBucket"
+    return isinstance(exc, _NETWORK)
 
 
 def _pool_size(workers: int | None, configured: int) -> int:
@@ -403,10 +438,27 @@ def _side(inv: Inventory, name: str) -> _Side:
     return _Side(name, store, client(inv, store), store.bucket, normalise_prefix(store.prefix))
 
 
-def _finish(summary: MirrorSummary, started: float) -> MirrorSummary:
+def _finish(summary: MirrorSummary, started: float, *sides: _Side) -> MirrorSummary:
     summary.errors.sort()
+    if summary.store_errors:
+        summary.unreachable = _which_store(summary.store_errors, sides)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
+
+
+def _which_store(count: int, sides: tuple[_Side, ...]) -> str:
+    """Name the store that failed objects mid-run, and what to fix: ask each once."""
+    for side in sides:
+        try:
+            side.whole_run(partial(side.s3.bucket_exists, side.bucket))
+        except TargetUnreachable as exc:
+            return f"{count} object(s) not copied: {exc.message}"
+    names = " and ".join(f"store {side.name}" for side in sides)
+    return (
+        f"{count} object(s) not copied: {names} dropped connections, timed out or refused "
+        "opsdrill's key for them (see the errors above), and answer again now (fix: the "
+        "network or the key's permissions, then run it again)"
+    )
 
 
 def _prepare_destination(side: _Side) -> None:

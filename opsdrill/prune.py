@@ -6,10 +6,9 @@ from datetime import UTC, datetime
 
 from opsdrill import catalog
 from opsdrill.catalog import BackupRef
-from opsdrill.errors import OperationFailed
 from opsdrill.inventory import Inventory
 from opsdrill.retention import Decision, RetentionPolicy, plan
-from opsdrill.s3 import client
+from opsdrill.s3 import S3_ERRORS, client, store_call, unreachable
 
 
 def policy_for(inv: Inventory) -> RetentionPolicy:
@@ -20,13 +19,19 @@ def policy_for(inv: Inventory) -> RetentionPolicy:
 def prune(
     inv: Inventory, name: str, *, dry_run: bool, now: datetime | None = None
 ) -> list[Decision[BackupRef]]:
-    _, store = inv.store_for(name)
+    """Plan (and unless ``dry_run`` apply) the retention policy for one database.
+
+    A store that cannot be listed, or that stops answering or refuses a deletion, is the
+    store's ``unreachable`` error (exit 2): the prune stops there, and what is left is
+    deleted by the next run. Nothing is deleted before the listing succeeded.
+    """
+    store_name, store = inv.store_for(name)
     s3 = client(inv, store)
-    refs = catalog.list_backups(s3, store, name)
+    refs = store_call(store_name, store, catalog.list_backups, s3, store, name)
     decisions = plan(refs, now or datetime.now(UTC), policy_for(inv))
     if dry_run:
         return decisions
-    failed = []
+    deleted = 0
     for decision in decisions:
         if decision.keep:
             continue
@@ -38,8 +43,11 @@ def prune(
                 continue
             try:
                 s3.remove_object(store.bucket, key)
-            except Exception as exc:
-                failed.append(f"{key}: {type(exc).__name__}")
-    if failed:
-        raise OperationFailed("prune", f"{len(failed)} deletions failed: {'; '.join(failed[:5])}")
+            except S3_ERRORS as exc:
+                err = unreachable(store_name, store, exc)
+                raise type(err)(
+                    f"prune stopped at {key} after {deleted} deletions: {err.message} "
+                    "(the rest is deleted by the next run)"
+                ) from None
+            deleted += 1
     return decisions

@@ -16,6 +16,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,8 +36,8 @@ from opsdrill.errors import (
     RefusedError,
     TargetUnreachable,
 )
-from opsdrill.gpg import GpgHome
-from opsdrill.inventory import Inventory
+from opsdrill.gpg import GpgHome, import_drill_key
+from opsdrill.inventory import Inventory, Store
 from opsdrill.manifest import Comparison, Drift, Manifest, compare, drift
 from opsdrill.pg import (
     Endpoint,
@@ -47,7 +48,7 @@ from opsdrill.pg import (
 )
 from opsdrill.pipeline import Pipeline, Stage
 from opsdrill.progress import Progress
-from opsdrill.s3 import client
+from opsdrill.s3 import S3_ERRORS, client, store_call, unreachable
 from opsdrill.stack.postgres import pg_bindir
 
 CHUNK = 1024 * 1024
@@ -139,7 +140,7 @@ def _refuse(live: Endpoint, sandbox: Endpoint, why: str) -> None:
 def pick_backup(inv: Inventory, name: str, backup_id: str | None) -> tuple[BackupRef, Manifest]:
     store_name, store = inv.store_for(name)
     s3 = client(inv, store)
-    refs = catalog.list_backups(s3, store, name)
+    refs = store_call(store_name, store, catalog.list_backups, s3, store, name)
     if backup_id:
         matches = [r for r in refs if r.id == backup_id]
         if not matches:
@@ -152,7 +153,7 @@ def pick_backup(inv: Inventory, name: str, backup_id: str | None) -> tuple[Backu
         if found is None:
             raise OperationFailed("select", f"no complete backup of {name} in store {store_name}")
         ref = found
-    return ref, catalog.read_manifest(s3, store, ref)
+    return ref, store_call(store_name, store, catalog.read_manifest, s3, store, ref)
 
 
 def restore_into(
@@ -167,7 +168,7 @@ def restore_into(
     progress: Progress | None = None,
 ) -> RestoreResult:
     """Restore one backup into ``target`` (an existing, empty database)."""
-    _, store = inv.store_for(name)
+    store_name, store = inv.store_for(name)
     s3 = client(inv, store)
     progress = progress or Progress(f"restore {ref.id}")
     started = time.monotonic()
@@ -200,7 +201,7 @@ def restore_into(
                     env=target.libpq_env(),
                 )
             )
-        fetched = _stream_object(s3, store.bucket, ref, manifest, stages, progress, pass_r)
+        fetched = _stream_object(s3, (store_name, store), ref, manifest, stages, progress, pass_r)
         if jobs > 1:
             progress.set_stage(f"pg_restore -j{jobs} post-data")
             pipe = Pipeline(
@@ -221,16 +222,9 @@ def restore_into(
 
 
 def _import_drill_key(inv: Inventory, home: GpgHome) -> int:
-    gpg = inv.model.gpg
-    if gpg is None or not gpg.drill_private_key_file:
-        raise ConfigError(
-            f"{inv.path}: gpg.drill_private_key_file: missing; an encrypted backup cannot be "
-            "restored without it (fix: point it at the armored private key)"
-        )
-    home.import_keys(
-        inv.resolve_path(gpg.drill_private_key_file), what="gpg.drill_private_key_file"
-    )
-    passphrase = inv.secret(gpg.drill_passphrase_env) if gpg.drill_passphrase_env else ""
+    """Import the drill key and prove its passphrase before anything is downloaded (a
+    wrong one is ``CredentialsRejected``, exit 2); return a pipe holding it for gpg."""
+    _, _, passphrase = import_drill_key(home, inv)
     read_fd, write_fd = os.pipe()
     os.write(write_fd, passphrase.encode() + b"\n")  # far below the pipe buffer size
     os.close(write_fd)
@@ -239,7 +233,7 @@ def _import_drill_key(inv: Inventory, home: GpgHome) -> int:
 
 def _stream_object(
     s3: Any,
-    bucket: str,
+    where: tuple[str, Store],
     ref: BackupRef,
     manifest: Manifest,
     stages: list[Stage],
@@ -250,17 +244,18 @@ def _stream_object(
     import subprocess
 
     assert ref.data_key is not None
+    store_name, store = where
     digest = hashlib.sha256()
     size = 0
     pipe = Pipeline(stages, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     if pass_r is not None:
         os.close(pass_r)
     try:
-        response = s3.get_object(bucket, ref.data_key)
+        response = store_call(store_name, store, s3.get_object, store.bucket, ref.data_key)
         feed = pipe.procs[0].stdin
         assert feed is not None
         try:
-            for chunk in response.stream(CHUNK):
+            for chunk in _from_store(response.stream(CHUNK), store_name, store):
                 digest.update(chunk)
                 size += len(chunk)
                 progress.add(len(chunk))
@@ -280,11 +275,12 @@ def _stream_object(
             if integrity:  # a corrupt object explains the stage failure better
                 raise OperationFailed("verify", integrity) from exc
             if exc.stage.startswith("decrypt") and "secret key" in exc.message.lower():
+                # The passphrase was proven on import: the backup is not for this key.
                 raise OperationFailed(
                     exc.stage,
-                    f"{exc.message.split(': ', 1)[-1]} (the drill key did not decrypt it: a "
-                    "wrong passphrase, or the backup was encrypted to recipients "
-                    f"{manifest.object.get('recipients')} and the key is none of them)",
+                    f"{exc.message.split(': ', 1)[-1]} (the backup was encrypted to recipients "
+                    f"{', '.join(manifest.object.get('recipients') or []) or 'unknown'} and "
+                    "the drill key in gpg.drill_private_key_file is none of them)",
                 ) from exc
             raise
         if integrity:
@@ -292,6 +288,15 @@ def _stream_object(
     finally:
         pipe.close()
     return size
+
+
+def _from_store(chunks: Iterator[bytes], store_name: str, store: Store) -> Iterator[bytes]:
+    """The download's chunks; a store that goes away mid-download is ``unreachable`` (exit
+    2), not a fault of the object. Errors of the consumer (a dead stage) are not caught."""
+    try:
+        yield from chunks
+    except S3_ERRORS as exc:
+        raise unreachable(store_name, store, exc) from None
 
 
 def _integrity_error(manifest: Manifest, size: int, sha256: str) -> str | None:

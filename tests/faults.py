@@ -1,5 +1,6 @@
 """Boundary fakes for operation tests (allowed in tests, never in checks): a TCP proxy
-that cuts the connection mid-upload, and a gpg that fails halfway through encrypting."""
+that cuts the connection mid-upload (or mid-download), and a gpg that fails halfway
+through encrypting."""
 
 from __future__ import annotations
 
@@ -32,12 +33,16 @@ def failing_gpg_dir(tmp_path: Path, real_gpg: str) -> Path:
 
 
 class CuttingProxy:
-    """Forwards 127.0.0.1:port to a target; after ``cut_after`` upstream bytes it drops
-    every connection and refuses new ones, like a network that went away mid-upload."""
+    """Forwards 127.0.0.1:port to a target; after ``cut_after`` bytes it drops every
+    connection and refuses new ones, like a network that went away mid-transfer. It counts
+    what the client sends (``direction="up"``: mid-upload) or what the server answers
+    (``"down"``: mid-download)."""
 
-    def __init__(self, target_port: int, cut_after: int) -> None:
+    def __init__(self, target_port: int, cut_after: int, direction: str = "up") -> None:
+        assert direction in ("up", "down")
         self.target_port = target_port
         self.cut_after = cut_after
+        self.direction = direction
         self.sent = 0
         self.cut = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -59,8 +64,9 @@ class CuttingProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
             with self._lock:
                 self.conns += [client, upstream]
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            up, down = self.direction == "up", self.direction == "down"
+            threading.Thread(target=self._pipe, args=(client, upstream, up), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, down), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, counting: bool) -> None:
         with contextlib.suppress(OSError):

@@ -34,7 +34,13 @@ from opsdrill.envbundle import (
     read_manifest,
     short,
 )
-from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError, TargetUnreachable
+from opsdrill.errors import (
+    ConfigError,
+    CredentialsRejected,
+    OperationFailed,
+    OpsdrillError,
+    TargetUnreachable,
+)
 from opsdrill.gpg import GpgHome, inspect, sniff
 from opsdrill.inventory import Inventory, load, read_env_file
 from opsdrill.s3 import client
@@ -270,24 +276,29 @@ def test_rotated_key_is_named_not_shown(world: World) -> None:
     assert not any(rotated["ENCRYPTION_KEY"] in p for p in problems)
 
 
-def test_wrong_recipient_or_passphrase_fails_decrypt_loudly(world: World) -> None:
+def test_wrong_recipient_fails_and_wrong_passphrase_is_our_credential(world: World) -> None:
+    """Encrypted to someone else: the bundle is wrong (OperationFailed, exit 1). A wrong
+    passphrase: opsdrill's own credential refused (CredentialsRejected, exit 2), found
+    before anything is downloaded and naming the variable."""
     inv = world.inventory(gpg={"recipients": [world.other_key.fingerprint]})
     manifest = backup_bundle(inv, "app")
     assert manifest.object["recipients"] == [world.other_key.fingerprint]
     with pytest.raises(OperationFailed) as err:
         decrypt_bundle(inv, "app", latest(inv))
-    assert err.value.stage == "decrypt"
-    assert "cannot decrypt" in str(err.value) and "wrong key or passphrase" in str(err.value)
+    assert err.value.stage == "decrypt" and err.value.exit_code == 1
+    assert "cannot decrypt" in str(err.value) and "none of them" in str(err.value)
     assert f"encrypted to {world.other_key.fingerprint}" in str(err.value)
     assert world.backup_key.fingerprint in str(err.value)  # names the drill key it tried
     world.assert_clean(str(err.value))
 
     wrong_pass = world.inventory(gpg={"drill_passphrase_env": "ENVB_WRONG_PASSPHRASE"})
     backup_bundle(wrong_pass, "app")
-    with pytest.raises(OperationFailed) as err:
+    with pytest.raises(CredentialsRejected) as refused:
         decrypt_bundle(wrong_pass, "app", latest(wrong_pass))
-    assert err.value.stage == "decrypt" and world.backup_key.fingerprint in str(err.value)
-    world.assert_clean(str(err.value))
+    assert refused.value.exit_code == 2
+    assert world.backup_key.fingerprint in str(refused.value)
+    assert "gpg.drill_passphrase_env = ENVB_WRONG_PASSPHRASE" in str(refused.value)
+    world.assert_clean(str(refused.value))
 
 
 def test_missing_required_key(world: World) -> None:
@@ -379,8 +390,11 @@ def test_unreachable_store_names_the_store_not_the_credentials(world: World) -> 
     with pytest.raises(TargetUnreachable, match="store offsite") as err:
         list_bundles(inv, "app")
     assert time.monotonic() - started < 30  # bounded by the store timeout, never a hang
+    with pytest.raises(TargetUnreachable, match=r"^upload \S+\.env\.gpg: store offsite"):
+        backup_bundle(inv, "app")  # the store's fault (exit 2), not a failed backup (1)
     missing = world.inventory(store={"bucket": "no-such-bucket-here"})
-    with pytest.raises(TargetUnreachable, match="NoSuchBucket") as err2:
+    with pytest.raises(TargetUnreachable, match="does not exist") as err2:
         list_bundles(missing, "app")
+    assert "stores.offsite.bucket" in str(err2.value)
     errors: list[OpsdrillError] = [err.value, err2.value]
     world.assert_clean(*(str(e) for e in errors))

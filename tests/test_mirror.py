@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED
 from minio.error import S3Error
@@ -365,6 +366,30 @@ def test_unreachable_source_stops_the_run(world: World) -> None:
     assert not any(value in str(caught.value) for value in world.secrets.values())
 
 
+def test_objects_a_store_failed_are_not_failed_objects(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection dropped for one object says nothing about its data: it is counted in
+    store_errors, the run's exit code is 2 (not 1), and the message names the store, or
+    says both answer again."""
+    inv = world.inventory("flaky")
+    world.seed("flaky", {"a.txt": b"dropped", "b.txt": b"copied"})
+    real = Minio.put_object
+
+    def flaky(self: Minio, bucket: str, key: str, *args: Any, **kw: Any) -> Any:
+        if key.endswith("/a.txt"):
+            raise urllib3.exceptions.ProtocolError("Connection aborted.")
+        return real(self, bucket, key, *args, **kw)
+
+    monkeypatch.setattr(Minio, "put_object", flaky)
+    summary = run_mirror(inv, "files")
+    assert (summary.copied, summary.store_errors, summary.exit_code) == (1, 1, 2)
+    assert summary.errors == ["flaky/a.txt: ProtocolError: Connection aborted."]
+    assert summary.unreachable is not None and "answer again now" in summary.unreachable
+    monkeypatch.undo()
+    assert run_mirror(inv, "files").exit_code == 0
+
+
 def test_unversioned_target_gets_new_objects_but_no_overwrites(world: World) -> None:
     inv = world.inventory("plain", target_bucket=PLAIN)
     world.seed("plain", {"a.txt": b"first", "b.txt": b"bee"})
@@ -387,7 +412,10 @@ def test_summary_line_and_prefixes() -> None:
         "mirror files: examined 312, copied 5 (12.3 MiB), skipped 307, same content 0, "
         "errors 0 in 1.2s"
     )
-    assert summary.ok
+    assert summary.ok and summary.exit_code == 0
+    # an object at fault is a failure (1); objects a store failed alone: could not do it (2)
+    assert MirrorSummary("files", errors=["a: x", "b: y"], store_errors=1).exit_code == 1
+    assert MirrorSummary("files", errors=["a: x"], store_errors=1).exit_code == 2
     assert [mirror.normalise_prefix(p) for p in ("", "/", "files", "files/", "/a/b/")] == [
         "",
         "",

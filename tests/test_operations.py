@@ -87,9 +87,10 @@ def test_dropped_s3_connection_leaves_no_object(env: Env) -> None:
                 endpoint=f"127.0.0.1:{proxy.port}", timeout_seconds=5.0
             )
         )
-        with pytest.raises((OperationFailed, TargetUnreachable)) as info:
+        with pytest.raises(TargetUnreachable) as info:  # the store's fault: exit 2
             run_backup(env.inv, "crm")
-        assert "upload" in info.value.message
+        assert "upload of" in info.value.message
+        assert "stores.offsite.endpoint" in info.value.message
     finally:
         proxy.close()
     env.rewrite(lambda d: d["stores"]["offsite"].update(endpoint=f"127.0.0.1:{port}"))
@@ -155,7 +156,8 @@ def test_production_restore_refuses_without_a_terminal(env: Env) -> None:
 def test_production_restore_asks_for_the_database_name(env: Env) -> None:
     env.backup()
     wrong = restore_into_sandbox(env, "--new-name", "crm_never_created", tty_input="prod")
-    assert wrong.returncode == 1 and "Not confirmed; nothing was changed" in wrong.stdout
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr  # refused, not a failed restore
+    assert "Not confirmed" in wrong.stderr and "nothing was changed" in wrong.stderr
     right = restore_into_sandbox(env, "--new-name", "crm_restored_tty", tty_input="crm")
     assert right.returncode == 0, right.stdout + right.stderr
     assert "Type the database name (crm)" in right.stdout
@@ -172,6 +174,7 @@ def test_production_restore_into_new_database_verifies_and_keeps_old(env: Env) -
     assert "never writes into an existing database" in again.stderr
     wrong = restore_into_sandbox(env, "--confirm", "prod")
     assert wrong.returncode == 2 and "does not match --database" in wrong.stderr
+    assert "nothing was changed" in wrong.stderr
 
 
 def test_help_documents_every_command() -> None:
@@ -226,6 +229,8 @@ def test_stack_up_status_down_via_cli() -> None:
 def test_inventory_check_proves_the_drill_key_decrypts(env: Env, tmp_path: Path) -> None:
     ok = opsdrill("inventory", "check", str(env.path))
     assert ok.returncode == 0 and "OK for all" in ok.stdout, ok.stderr
+    passphrase_env = env.data["gpg"]["drill_passphrase_env"]
+    recipients = list(env.data["gpg"]["recipients"])
     env.rewrite(lambda d: d["gpg"].update(drill_passphrase_env="LEAKTEST_WRONG_PASS"))
     bad = opsdrill(
         "inventory",
@@ -234,12 +239,24 @@ def test_inventory_check_proves_the_drill_key_decrypts(env: Env, tmp_path: Path)
         env={**os.environ, "LEAKTEST_WRONG_PASS": "not-the-passphrase"},
     )
     assert bad.returncode == 2
-    assert "cannot decrypt backups encrypted to" in bad.stderr
+    assert "did not accept opsdrill's passphrase" in bad.stderr
+    assert "gpg.drill_passphrase_env = LEAKTEST_WRONG_PASS" in bad.stderr
     assert "not-the-passphrase" not in bad.stderr
     from opsdrill.stack.gnupg_keys import generate_keypair
 
-    other = generate_keypair(tmp_path / "k", "other", "pw-other-1234").public_file
-    env.rewrite(lambda d: d["gpg"].update(public_keys_file=str(other)))
+    env.rewrite(lambda d: d["gpg"].update(drill_passphrase_env=passphrase_env))
+    keypair = generate_keypair(tmp_path / "k", "other", "pw-other-1234")
+    env.rewrite(
+        lambda d: d["gpg"].update(
+            recipients=[keypair.fingerprint], public_keys_file=str(keypair.public_file)
+        )
+    )
+    foreign = opsdrill("inventory", "check", str(env.path))
+    assert foreign.returncode == 2, foreign.stdout + foreign.stderr
+    assert "cannot decrypt backups encrypted to" in foreign.stderr
+    assert "is none of them" in foreign.stderr
+    other = keypair.public_file
+    env.rewrite(lambda d: d["gpg"].update(public_keys_file=str(other), recipients=recipients))
     missing = opsdrill("inventory", "check", str(env.path), "--for", "backup")
     assert missing.returncode == 2 and "is not in gpg.public_keys_file" in missing.stderr
 
@@ -249,8 +266,11 @@ def test_wrong_drill_passphrase_is_explained(env: Env, monkeypatch: pytest.Monke
     monkeypatch.setenv("LEAKTEST_WRONG_PASS", "not-the-passphrase")
     env.rewrite(lambda d: d["gpg"].update(drill_passphrase_env="LEAKTEST_WRONG_PASS"))
     proc = opsdrill("restore", "-i", str(env.path), "-d", "crm", "--drill")
-    assert proc.returncode == 1, proc.stderr
-    assert "decrypt (gpg)" in proc.stderr and "wrong passphrase" in proc.stderr
+    # opsdrill's own credential, not a fault of the backup: exit 2, naming what to fix
+    assert proc.returncode == 2, proc.stderr
+    assert "did not accept opsdrill's passphrase" in proc.stderr
+    assert "gpg.drill_passphrase_env = LEAKTEST_WRONG_PASS, set in the environment" in proc.stderr
+    assert "not-the-passphrase" not in proc.stdout + proc.stderr
 
 
 def test_failed_production_restore_drops_its_partial_database(env: Env) -> None:
@@ -297,7 +317,8 @@ def test_unreachable_store_exits_2_for_list(env: Env) -> None:
     )
     proc = opsdrill("list", "-i", str(env.path))
     assert proc.returncode == 2, proc.stderr
-    assert "S3 store unreachable" in proc.stderr and "Traceback" not in proc.stderr
+    assert "store offsite (" in proc.stderr and "unreachable: connection refused" in proc.stderr
+    assert "stores.offsite.endpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_mirror_and_restore_files_via_cli(stack: Stack, tmp_path: Path) -> None:

@@ -1,7 +1,25 @@
 """Command line: the operations an operator runs from cron or during an outage.
 
-Exit codes: 0 success; 1 an operation or verification failed; 2 the configuration is
-wrong, a target could not be reached, or a safety guard refused.
+Exit codes (the same for every subcommand; EXIT_CODES below is the text --help shows):
+  0    success.
+  1    the operation ran and failed because of the data or the target: a stage failed
+       (pg_dump, the compressor, gpg, a full disk), a backup object or manifest is corrupt,
+       truncated or unreadable, a restore or drill does not match its manifest, or a
+       backup is encrypted to recipients the drill key is not one of.
+  2    opsdrill could not do its job: the configuration (inventory, command line) is
+       wrong, a target is unreachable or timed out (also mid-transfer), opsdrill's own
+       credentials were rejected (database password, S3 key pair, drill key passphrase), a
+       required tool is missing, a safety guard refused, the operator did not confirm, or
+       an unexpected internal error.
+  75   cron wrappers only (scripts/backup/): a previous run still holds the lock; nothing
+       was done.
+  130  interrupted.
+The error message names what to fix (the inventory key, the environment variable). A
+mirror that could not copy some files exits 1 if any file was at fault, otherwise 2.
+
+The library raises the error types of opsdrill.errors and main() turns them into these
+codes: OperationFailed 1; ConfigError, TargetUnreachable (CredentialsRejected),
+RefusedError 2; any other exception 2, printed redacted.
 """
 
 from __future__ import annotations
@@ -13,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import urllib3
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 
 from opsdrill import __version__, metrics
 from opsdrill.cli.files import cmd_mirror, cmd_mirror_restore, cmd_secrets
@@ -24,11 +42,27 @@ from opsdrill.memory import return_large_buffers_to_os
 from opsdrill.secrets import redact
 
 DEFAULT_STACK_DIR = ".opsdrill-stack"
-EPILOG = """\
-Exit codes:
-  0  success
-  1  an operation or a verification failed (the failing stage is named)
-  2  configuration wrong, a target unreachable, or a safety guard refused
+# The one statement of the rule: README.md ("Exit codes"), the runbook's "Exit codes" and
+# scripts/backup/run-locked.sh say the same in the same words (tests/test_exit_codes.py).
+EXIT_CODES = """\
+Exit codes (the same for every subcommand):
+  0    success.
+  1    the operation ran and failed because of the data or the target: a stage failed
+       (pg_dump, the compressor, gpg, a full disk), a backup object or manifest is corrupt,
+       truncated or unreadable, a restore or drill does not match its manifest, or a
+       backup is encrypted to recipients the drill key is not one of.
+  2    opsdrill could not do its job: the configuration (inventory, command line) is
+       wrong, a target is unreachable or timed out (also mid-transfer), opsdrill's own
+       credentials were rejected (database password, S3 key pair, drill key passphrase), a
+       required tool is missing, a safety guard refused, the operator did not confirm, or
+       an unexpected internal error.
+  75   cron wrappers only (scripts/backup/): a previous run still holds the lock; nothing
+       was done.
+  130  interrupted.
+The error message names what to fix (the inventory key, the environment variable). A
+mirror that could not copy some files exits 1 if any file was at fault, otherwise 2."""
+EPILOG = f"""\
+{EXIT_CODES}
 
 Runbook: docs/runbooks/backup-and-restore.md"""
 
@@ -210,7 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_metrics(rs)
     rs.set_defaults(func=cmd_restore)
+    _exit_codes_in_every_help(p)
     return p
+
+
+def _exit_codes_in_every_help(parser: argparse.ArgumentParser) -> None:
+    """``opsdrill SUBCOMMAND --help`` ends with the same exit codes as ``opsdrill --help``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.epilog = EPILOG
+                sub.formatter_class = argparse.RawDescriptionHelpFormatter
+                _exit_codes_in_every_help(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,20 +267,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OpsdrillError as exc:
         print(f"opsdrill: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    except (S3Error, urllib3.exceptions.HTTPError) as exc:
+    except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        # Safety net: the library turns store errors into s3.unreachable() ones naming the
+        # store and its inventory keys; one that gets here is still not the data's fault.
         detail = f"{exc.code}: {exc.message}" if isinstance(exc, S3Error) else type(exc).__name__
         print(
-            f"opsdrill: error: S3 store unreachable or refused: {redact(detail)}", file=sys.stderr
+            f"opsdrill: error: S3 store unreachable or refused: {redact(detail)} (fix: check "
+            "the stores.* settings of the inventory; OPSDRILL_DEBUG=1 shows where)",
+            file=sys.stderr,
         )
+        if os.environ.get("OPSDRILL_DEBUG"):
+            raise
         return 2
     except KeyboardInterrupt:
         print("opsdrill: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # last line of defence: never print a secret in a traceback
+        # opsdrill's own fault, not the target's: exit 2 ("could not do its job"), not 1
         print(f"opsdrill: unexpected {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         if os.environ.get("OPSDRILL_DEBUG"):
             raise
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

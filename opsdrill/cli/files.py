@@ -7,10 +7,14 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opsdrill import metrics
 from opsdrill.cli.common import inventory_for
 from opsdrill.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opsdrill.mirror import MirrorSummary
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
@@ -20,18 +24,13 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     names = [args.mirror] if args.mirror else list(inv.model.mirrors)
     if not names:
         raise ConfigError(f"{inv.path}: no [mirrors.*] defined")
-    failed = False
+    codes = []
     for name in names:
         inv.mirror(name)
         summary = run_mirror(inv, name, workers=args.workers)
         metrics.add_bytes(summary.bytes_copied)
-        print(summary.line())
-        for error in summary.errors[:50]:
-            print(f"  error: {error}", file=sys.stderr)
-        if len(summary.errors) > 50:
-            print(f"  ... {len(summary.errors) - 50} more errors", file=sys.stderr)
-        failed = failed or not summary.ok
-    return 1 if failed else 0
+        codes.append(report(summary))
+    return worst(codes)
 
 
 def cmd_mirror_restore(args: argparse.Namespace) -> int:
@@ -44,10 +43,25 @@ def cmd_mirror_restore(args: argparse.Namespace) -> int:
     if as_of is not None and as_of.tzinfo is None:
         raise ConfigError("--as-of needs a timezone, e.g. 2026-11-27T14:00:00+00:00")
     summary = restore_mirror(inv, args.mirror, to_store=args.to_store, as_of=as_of)
+    return report(summary)
+
+
+def report(summary: MirrorSummary) -> int:
+    """Print a mirror or restore summary and its errors; return its exit code."""
     print(summary.line())
     for error in summary.errors[:50]:
         print(f"  error: {error}", file=sys.stderr)
-    return 0 if summary.ok else 1
+    if len(summary.errors) > 50:
+        print(f"  ... {len(summary.errors) - 50} more errors", file=sys.stderr)
+    if summary.unreachable:
+        print(f"opsdrill: error: {summary.unreachable}", file=sys.stderr)
+    return summary.exit_code
+
+
+def worst(codes: list[int]) -> int:
+    """Several runs in one command: a failure (1) outranks "could not do the job" (2), as
+    in a check run; 0 only when every one succeeded."""
+    return 1 if 1 in codes else max(codes, default=0)
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:

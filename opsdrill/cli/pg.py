@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from opsdrill import metrics
 from opsdrill.cli.common import databases_in, inventory_for
-from opsdrill.errors import ConfigError, OpsdrillError
+from opsdrill.errors import ConfigError, OpsdrillError, RefusedError
 from opsdrill.inventory import Inventory
 
 
@@ -31,12 +31,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from opsdrill import catalog
-    from opsdrill.s3 import client
+    from opsdrill.s3 import client, store_call
 
     inv = inventory_for(args, scope="store")
     for name in databases_in(inv, args.database):
-        _, store = inv.store_for(name)
-        for ref in catalog.list_backups(client(inv, store), store, name):
+        store_name, store = inv.store_for(name)
+        refs = store_call(store_name, store, catalog.list_backups, client(inv, store), store, name)
+        for ref in refs:
             state = "complete" if ref.complete else "INCOMPLETE (no manifest)"
             print(f"{ref.id}  {ref.taken_at:%Y-%m-%d %H:%M:%SZ}  {ref.size:>12}  {state}")
     return 0
@@ -105,8 +106,9 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     print("Existing databases are not touched; swap names yourself once verified.")
     if args.confirm is not None:
         if args.confirm != args.database:
-            raise ConfigError(
-                f"--confirm {args.confirm!r} does not match --database {args.database!r}"
+            raise RefusedError(
+                f"--confirm {args.confirm!r} does not match --database {args.database!r}; "
+                f"not confirmed, nothing was changed (fix: --confirm {args.database})"
             )
     elif not sys.stdin.isatty():
         raise ConfigError(
@@ -116,8 +118,11 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     else:
         typed = input(f"Type the database name ({args.database}) to proceed: ").strip()
         if typed != args.database:
-            print("Not confirmed; nothing was changed.")
-            return 1
+            # Not a failure of the backup or the target: the operator did not confirm.
+            raise RefusedError(
+                f"Not confirmed: the name typed was not {args.database!r}; nothing was "
+                f"changed (fix: run it again and type {args.database})"
+            )
     restore.create_database(server, new_name)
     target = server.with_dbname(new_name)
     try:
@@ -131,11 +136,21 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
             keep_owners=not args.no_owner,
         )
         comparison = restore.verify_restored(target, manifest)
-    except OpsdrillError:
+    except BaseException:
         # The database is ours (created above) and half-restored: remove it so a retry
         # starts clean, and say so.
-        restore.drop_database(server, new_name)
-        print(f"Restore failed; the partial database {new_name!r} was dropped.", file=sys.stderr)
+        try:
+            restore.drop_database(server, new_name)
+        except OpsdrillError as exc:
+            print(
+                f"Restore failed, and dropping the partial database {new_name!r} failed too "
+                f"({exc.message}): drop it by hand before retrying.",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"Restore failed; the partial database {new_name!r} was dropped.", file=sys.stderr
+            )
         raise
     print(f"Restored {ref.id} into {new_name} in {result.seconds:.1f}s.")
     if not comparison.exact:

@@ -20,12 +20,7 @@ def cmd_inventory_check(args: argparse.Namespace) -> int:
             home.import_keys(inv.resolve_path(m.gpg.public_keys_file), what="gpg.public_keys_file")
             ids = home.encryption_key_ids(m.gpg.recipients)
             if args.scope == "all" and m.gpg.drill_private_key_file:
-                passphrase = (
-                    inv.secret(m.gpg.drill_passphrase_env) if m.gpg.drill_passphrase_env else ""
-                )
-                home.check_decrypts(
-                    inv.resolve_path(m.gpg.drill_private_key_file), passphrase, list(ids)
-                )
+                home.check_decrypts(inv, list(ids))
     print(
         f"{inv.path}: OK for {args.scope}: inventory {m.name!r} ({m.environment}): "
         f"{len(m.databases)} database(s), {len(m.stores)} store(s)"

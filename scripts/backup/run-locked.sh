@@ -9,20 +9,49 @@
 #   OPSDRILL_METRICS_DIR  if set, also write DIR/opsdrill-COMMAND.prom (Prometheus text for
 #                       node_exporter's textfile collector: success, last success, bytes)
 #
-# Exit status is opsdrill's (0 ok, 1 failed, 2 config/unreachable/refused), or 75 when a
-# previous run still holds the lock. Runbook: docs/runbooks/backup-and-restore.md
+# Exit status is opsdrill's, the same for every subcommand (opsdrill --help):
+#   0    success.
+#   1    the operation ran and failed because of the data or the target: a stage failed
+#        (pg_dump, the compressor, gpg, a full disk), a backup object or manifest is corrupt,
+#        truncated or unreadable, a restore or drill does not match its manifest, or a
+#        backup is encrypted to recipients the drill key is not one of.
+#   2    opsdrill could not do its job: the configuration (inventory, command line) is
+#        wrong, a target is unreachable or timed out (also mid-transfer), opsdrill's own
+#        credentials were rejected (database password, S3 key pair, drill key passphrase), a
+#        required tool is missing, a safety guard refused, the operator did not confirm, or
+#        an unexpected internal error.
+#   75   cron wrappers only (scripts/backup/): a previous run still holds the lock; nothing
+#        was done.
+#   130  interrupted.
+# The error message names what to fix (the inventory key, the environment variable). A
+# mirror that could not copy some files exits 1 if any file was at fault, otherwise 2.
+# The wrapper's own setup problems (no COMMAND, OPSDRILL_INVENTORY unset, OPSDRILL_BIN not
+# found) are configuration: 2. Runbook: docs/runbooks/backup-and-restore.md
 set -euo pipefail
 
-command=${1:?usage: run-locked.sh COMMAND [ARGS...]}  # may be two words: "secrets backup"
+if [ $# -lt 1 ] || [ -z "$1" ]; then
+  echo "usage: run-locked.sh COMMAND [ARGS...]" >&2
+  exit 2
+fi
+command=$1  # may be two words: "secrets backup"
 shift
 read -r -a words <<< "$command"
 name=${command// /-}
-inventory=${OPSDRILL_INVENTORY:?set OPSDRILL_INVENTORY}
 bin=${OPSDRILL_BIN:-opsdrill}
 lock_dir=${OPSDRILL_LOCK_DIR:-/run/lock}
 lock=$lock_dir/opsdrill-$name.lock
 
 log() { printf '%s opsdrill-%s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$name" "$*" >&2; }
+
+if [ -z "${OPSDRILL_INVENTORY:-}" ]; then
+  log "FAILED (exit 2): OPSDRILL_INVENTORY is not set (fix: export OPSDRILL_INVENTORY=/etc/opsdrill/prod.toml)"
+  exit 2
+fi
+inventory=$OPSDRILL_INVENTORY
+if ! command -v "$bin" >/dev/null 2>&1; then
+  log "FAILED (exit 2): $bin not found (fix: set OPSDRILL_BIN to the opsdrill executable)"
+  exit 2
+fi
 
 mkdir -p "$lock_dir"
 exec 9>>"$lock"
