@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from opsdrill.errors import OperationFailed
+from opsdrill.errors import ConfigError, OperationFailed
 from opsdrill.secrets import redact
 
 STAGE_WAIT_SECONDS = 120
@@ -81,6 +81,13 @@ class Pipeline:
                 _widen(proc.stdout)
                 prev = proc.stdout
                 self.procs.append(proc)
+        except FileNotFoundError:
+            self.kill()
+            # a tool that is not installed is this host's setup, not the data: exit 2
+            raise ConfigError(
+                f"{stage.name}: {stage.argv[0]} is not installed or not on PATH "
+                "(fix: install it; scripts/bootstrap-system.sh lists the packages)"
+            ) from None
         except OSError as exc:
             self.kill()
             raise OperationFailed(

@@ -356,3 +356,20 @@ def test_the_readme_main_command_exits_with_the_check_runs_code(
     assert list(results.glob("*-result.json")), "the Allure results are written"
     word = {0: "every examined check passed", 1: "a check FAILED", 2: "could not be judged"}
     assert word[code] in out, out[-2000:]
+
+
+@proves(broken=["pg.drill.restore", "secrets.bundle.decrypts"])
+def test_a_wrong_drill_passphrase_is_broken_not_a_bad_backup(env: Env, tmp_path: Path) -> None:
+    """gpg says "No secret key" for a wrong passphrase and for a backup encrypted to
+    someone else; only the second is the backup's fault."""
+    from opsdrill.envbundle import backup_bundle
+
+    env.backup()
+    backup_bundle(env.inv, "app")
+    var = env.data["gpg"]["drill_passphrase_env"]
+    env.with_secret(tmp_path, var, "not-the-passphrase-1e2f")
+    run = env.run_checks("check_pg_drill.py", "check_secrets_bundle.py")
+    for check_id in ("pg.drill.restore", "secrets.bundle.decrypts"):
+        run.assert_outcome(check_id, "broken", exit_code=2)
+        assert f"gpg.drill_passphrase_env = {var}, set in env_file" in run.message(check_id)
+    assert "not-the-passphrase-1e2f" not in run.output

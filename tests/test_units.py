@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opsdrill.errors import OperationFailed, OpsdrillError
+from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError
 from opsdrill.gpg import sniff
 from opsdrill.manifest import Manifest, compare, drift
 from opsdrill.pg import SnapshotStats
@@ -72,7 +72,7 @@ def test_drift_flags_only_shrink_beyond_tolerance() -> None:
 def test_manifest_round_trip_and_format_check() -> None:
     m = manifest(a=1)
     assert Manifest.from_json(m.to_json()) == m
-    with pytest.raises(ValueError, match="unknown manifest format"):
+    with pytest.raises(ValueError, match="unknown format"):
         Manifest.from_json(b'{"format": "other"}')
 
 
@@ -115,9 +115,10 @@ def test_pipeline_names_culprit_not_victims() -> None:
     assert info.value.stage == "dies" and "exited 3: boom" in info.value.message
 
 
-def test_pipeline_missing_binary() -> None:
-    with pytest.raises(OperationFailed, match="cannot start"):
+def test_pipeline_missing_binary_is_a_setup_problem_exit_2() -> None:
+    with pytest.raises(ConfigError, match="is not installed or not on PATH") as info:
         Pipeline([Stage("x", ["/nonexistent/binary"])])
+    assert info.value.exit_code == 2
 
 
 def test_sniff_formats() -> None:
