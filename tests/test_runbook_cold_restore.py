@@ -171,7 +171,7 @@ def test_cold_restore_runbook_runs_and_the_checks_prove_it(
     assert "match the manifest exactly" in output, output[-3000:]
     assert restored_env.read_text() == (tmp_path / "app.env").read_text()
     assert oct(restored_env.stat().st_mode & 0o777) == "0o600"
-    # Step 11's `make verify` ran every check against the restored production: all green,
+    # Step 11's `scripts/verify` ran every check against the restored production: all green,
     # and the ones that prove this restore among them.
     statuses: dict[str, list[str]] = {}
     for path in results.glob("*-result.json"):
