@@ -193,3 +193,15 @@ def test_a_bundle_store_that_does_not_answer_breaks_every_bundle_check(env: Env)
     for check_id in SECRET_CHECKS:
         run.assert_outcome(check_id, "broken", exit_code=2)
         assert f"store {store} (http://127.0.0.1:{port}/" in run.message(check_id)
+
+
+def test_a_bundle_check_with_nothing_to_look_for_skips_instead_of_passing(env: Env) -> None:
+    env.rewrite(lambda d: d["secrets"]["app"].update(required_keys=[], fingerprint_keys=[]))
+    backup_bundle(env.inv, "app")
+    run = env.run_checks("check_secrets_bundle.py")
+    for check_id, key in (
+        ("secrets.bundle.required_keys", "required_keys"),
+        ("secrets.bundle.encryption_key", "fingerprint_keys"),
+    ):
+        run.assert_outcome(check_id, "skipped", exit_code=0)
+        assert f"secrets.app.{key} is empty in the inventory" in run.message(check_id)

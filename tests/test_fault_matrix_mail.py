@@ -374,6 +374,8 @@ def test_wrong_imap_password_of_the_probe_mailbox_breaks_every_check_of_both_pro
                 f"LOGIN for user {mail.PROBE.address}: NO ",
                 set_in_environment(f"probes.{name}.imap.password_env", var),
             )
+            assert run.terminal(check_id, target) == "BROKEN"
+    assert "failed" not in run.summary and run.summary["broken"] >= 9, run.summary
     assert run.returncode == 2, run.output[-2000:]  # broken only: exit 2, not 1
     assert_no_secrets(run, env.stack, wrong)
 
@@ -605,6 +607,9 @@ def test_auth_results_skips_when_no_trusted_header_exists_and_fails_where_one_is
     )
     for target in (TX, "probe:typo", "probe:strict"):
         assert_passes(run, "mail.probe.delivery", target)
+    assert run.terminal("mail.probe.auth_results", "probe:typo") == "SKIPPED"
+    assert run.terminal("mail.probe.auth_results", "probe:strict") == "FAILED"
+    assert run.summary["failed"] == 1, run.summary
     assert run.returncode == 1
 
 
