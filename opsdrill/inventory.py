@@ -89,6 +89,9 @@ class Gpg(_Model):
 class Retention(_Model):
     hourly_days: int = Field(default=7, ge=1)
     daily_days: int = Field(default=30, ge=1)
+    # The newest good backups are kept whatever their age (restic's --keep-last): backups
+    # that stopped for a month must not make the next prune empty the bucket.
+    min_keep: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _daily_covers_hourly(self) -> Retention:
