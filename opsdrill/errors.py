@@ -42,6 +42,11 @@ class CredentialsRejected(TargetUnreachable):
     """
 
 
+class PrivilegesMissing(CredentialsRejected):
+    """opsdrill's backup role cannot read what pg_dump must read (a table, a large object,
+    rows hidden by row-level security): found before anything runs, with the GRANT."""
+
+
 class OperationFailed(OpsdrillError):
     """An operation failed; ``stage`` names where (pg_dump, compress, encrypt, upload...)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from opsdrill.inventory import load
+from opsdrill.inventory import Inventory, load
 
 
 def cmd_inventory_check(args: argparse.Namespace) -> int:
@@ -21,11 +21,35 @@ def cmd_inventory_check(args: argparse.Namespace) -> int:
             ids = home.encryption_key_ids(m.gpg.recipients)
             if args.scope == "all" and m.gpg.drill_private_key_file:
                 home.check_decrypts(inv, list(ids))
+    if args.scope == "backup" and not args.offline:
+        _preflight(inv)
     print(
         f"{inv.path}: OK for {args.scope}: inventory {m.name!r} ({m.environment}): "
         f"{len(m.databases)} database(s), {len(m.stores)} store(s)"
     )
     return 0
+
+
+def _preflight(inv: Inventory) -> None:
+    """Each database's backup role can read what pg_dump reads; every problem at once."""
+    from opsdrill.errors import PrivilegesMissing
+    from opsdrill.pg import database_endpoint
+    from opsdrill.preflight import check_privileges
+
+    problems = []
+    for name in inv.model.databases:
+        endpoint = database_endpoint(inv, name)
+        with endpoint.connect(autocommit=True) as conn:
+            found = check_privileges(conn)
+        examined = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in found.examined.items())
+        if found.ok:
+            print(f"databases.{name}: role {found.role} can read all pg_dump reads ({examined})")
+        else:
+            problems.append(
+                f"databases.{name} ({endpoint.where}): role {found.role}: {found.summary()}"
+            )
+    if problems:
+        raise PrivilegesMissing("backup pre-flight: " + "\n".join(problems))
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
