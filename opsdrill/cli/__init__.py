@@ -116,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     inv = sub.add_parser("inventory", help="inspect an inventory file")
     inv_sub = inv.add_subparsers(dest="inventory_command", required=True)
-    chk = inv_sub.add_parser("check", help="validate an inventory without touching any target")
+    chk = inv_sub.add_parser(
+        "check",
+        help="validate an inventory; --for backup also proves the backup role can read "
+        "every table, sequence and large object (catalog queries only)",
+    )
     chk.add_argument("file")
     chk.add_argument(
         "--for",
@@ -124,7 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["all", "backup", "store"],
         default="all",
         help="which secrets and key files must be present: all (restore, checks), backup "
-        "(a backup host: no drill key needed), store (list, prune)",
+        "(a backup host: no drill key needed; also connects to each database to prove the "
+        "backup role's privileges), store (list, prune)",
+    )
+    chk.add_argument(
+        "--offline",
+        action="store_true",
+        help="touch no target: skip the privilege pre-flight of --for backup",
     )
     chk.set_defaults(func=cmd_inventory_check)
 
