@@ -9,7 +9,17 @@ from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json, attach_text, tab
 from fixtures.targets import PgBackupTarget
 from opsdrill.backup import live_endpoint
 from opsdrill.errors import OperationFailed, RefusedError, TargetUnreachable
-from opsdrill.restore import DrillReport, guard_sandbox, sandbox_endpoint
+from opsdrill.manifest import Manifest
+from opsdrill.restore import (
+    DrillReport,
+    SandboxIsProduction,
+    SandboxRefused,
+    SandboxUnproven,
+    guard_manifests,
+    guard_sandbox,
+    pick_backup,
+    sandbox_endpoint,
+)
 
 SANDBOX_GUARD = Check(
     "pg.drill.sandbox_guard",
@@ -32,6 +42,8 @@ pytestmark = [pytest.mark.backups, pytest.mark.drill]
 def _report(pg_target: PgBackupTarget, check: Check) -> DrillReport:
     try:
         return pg_target.drill()
+    except SandboxUnproven:
+        raise  # the sandbox's identity could not be established: broken, not a verdict
     except RefusedError as exc:
         check.fail(pg_target.id, f"drill refused: {exc.message}")
     except OperationFailed as exc:  # the backup itself is bad: a verification failure
@@ -40,14 +52,32 @@ def _report(pg_target: PgBackupTarget, check: Check) -> DrillReport:
 
 @SANDBOX_GUARD
 def check_sandbox_is_not_production(pg_target: PgBackupTarget) -> None:
+    """Judged as the drill judges: failed when the sandbox has the live server's address,
+    or the system identifier of the live server or of a recent backup's manifest; broken
+    when its identity cannot be established. The live server need not answer: the newest
+    manifest names production's identity (then the evidence says live was not compared).
+    """
     allure.dynamic.title(f"{pg_target.name} drill sandbox is not the live server")
     sandbox, _ = sandbox_endpoint(pg_target.inv, pg_target.name)
     live = live_endpoint(pg_target.inv, pg_target.name)
+    restoring: Manifest | None = None
+    notes: list[str] = []
+    try:  # the manifest the drill would restore; without it, live alone can still judge
+        _, restoring = pick_backup(pg_target.inv, pg_target.name, None)
+    except (OperationFailed, TargetUnreachable) as exc:
+        notes.append(f"no manifest to compare with: {exc.message}")
+    manifests = guard_manifests(pg_target.inv, pg_target.name, restoring, notes)
     try:
-        info = guard_sandbox(live, sandbox)
-    except RefusedError as exc:
-        SANDBOX_GUARD.fail(pg_target.id, exc.message)
-    attach_json("servers", {"live": live.where, "sandbox": sandbox.where, **info})
+        guard = guard_sandbox(live, sandbox, manifests, live_required=False)
+    except SandboxRefused as exc:
+        attach_json("identities compared", exc.evidence)
+        if isinstance(exc, SandboxIsProduction):
+            SANDBOX_GUARD.fail(pg_target.id, exc.message)
+        raise  # SandboxUnproven: nothing is known about the sandbox
+    allure.dynamic.parameter("live", "compared" if guard.live_answered else "did not answer")
+    attach_json("identities compared", guard.evidence())
+    if guard.notes:
+        attach_text("notes", "\n".join(guard.notes))
 
 
 @RESTORE

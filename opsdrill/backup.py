@@ -180,7 +180,13 @@ def run_backup(
                 "recipients": sorted(key_ids),
                 "recipient_key_ids": sorted(k for ids in key_ids.values() for k in ids),
             },
-            server=server,
+            # the cluster's identity (system_identifier) and where the backup reached it:
+            # a drill refuses a sandbox that is this cluster even when live is down
+            server={
+                **server,
+                "address": f"{endpoint.params.get('host', 'localhost')}:"
+                f"{endpoint.params.get('port', 5432)}",
+            },
             tools=tool_versions(["pg_dump", db.compression, *(["gpg"] if db.encrypt else [])]),
             tables=stats.tables,
             sequences=stats.sequences,

@@ -253,9 +253,29 @@ def collect_stats(conn: psycopg.Connection[Any], content_hashes: bool) -> Snapsh
 
 
 def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Version and cluster identity: pg_control_system()'s system_identifier, the same
+    through every address, alias or port forward of one cluster (and on its physical
+    replicas), which is how a drill proves its sandbox is not production.
+
+    PostgreSQL grants EXECUTE on pg_control_system() to PUBLIC (checked on 15 with a plain
+    role), but a hardened server may revoke it. Then ``system_identifier`` is None and
+    ``system_identifier_error`` names the GRANT: a backup must not fail over it, and a
+    drill refuses what it cannot prove. The privilege is asked first because a refused call
+    would abort the caller's transaction (the backup's snapshot).
+    """
     row = conn.execute(
         "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
-        " (SELECT system_identifier::text FROM pg_control_system())"
+        " has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE'),"
+        " quote_ident(current_user), current_database()"
     ).fetchone()
     assert row is not None
-    return {"version": row[0], "version_num": row[1], "system_identifier": row[2]}
+    info: dict[str, Any] = {"version": row[0], "version_num": row[1], "system_identifier": None}
+    if row[2]:
+        ident = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+        info["system_identifier"] = ident[0] if ident else None
+    else:
+        info["system_identifier_error"] = (
+            f"role {row[3]} may not execute pg_control_system() (fix: in database {row[4]}, "
+            f"GRANT EXECUTE ON FUNCTION pg_control_system() TO {row[3]})"
+        )
+    return info
