@@ -39,5 +39,6 @@ def check_backup_role_can_read_everything(pg_target: PgBackupTarget) -> None:
         PRIVILEGES.fail(
             pg_target.id,
             f"expected role {found.role} to read everything pg_dump reads in "
-            f"{endpoint.where}, found {found.summary()} (the next backup fails on these)",
+            f"{endpoint.where}, found {found.summary()} (backups or drills fail on these "
+            "until fixed)",
         )

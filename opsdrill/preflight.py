@@ -158,6 +158,20 @@ def check_privileges(conn: psycopg.Connection[Any]) -> Privileges:
                     f"ALTER ROLE {me} BYPASSRLS",
                 )
             )
+    # Not read by pg_dump, but recorded in every manifest: the drill's sandbox guard
+    # refuses to restore a backup that does not say which cluster it came from.
+    control = conn.execute(
+        "SELECT has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')"
+    ).fetchone()
+    if control is not None and not control[0]:
+        result.missing.append(
+            Missing(
+                "functions the manifest needs",
+                1,
+                ["pg_control_system() (the cluster's system identifier)"],
+                f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_system() TO {me}",
+            )
+        )
     if not lo_compat:
         for owner, count, examples in conn.execute(_LARGE_OBJECTS, {"shown": SHOWN}):
             result.missing.append(

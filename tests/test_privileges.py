@@ -88,7 +88,7 @@ def test_privileges_check_fails_naming_the_grant_and_passes_once_granted(
         f"expected role {restricted.name} to read everything pg_dump reads",
         "tables with row-level security: 1 not readable (crm.email_settings)",
         f'GRANT "opsdrill" TO "{restricted.name}"',
-        "(the next backup fails on these)",
+        "(backups or drills fail on these until fixed)",
     )
     restricted.grant(
         f"ALTER ROLE {restricted.name} BYPASSRLS", f"GRANT opsdrill TO {restricted.name}"
@@ -141,3 +141,19 @@ def test_the_preflight_reads_the_catalog_only(restricted: RestrictedRole) -> Non
     assert kinds["tables"] == found.examined["tables"] > 10, kinds
     assert kinds["sequences"] == found.examined["sequences"], kinds
     assert kinds["schemas"] >= 2, kinds
+
+
+def test_a_role_that_cannot_read_the_system_identifier_is_told_the_grant(
+    restricted: RestrictedRole,
+) -> None:
+    """Without it every manifest lacks the cluster's identity and drills refuse."""
+    role = restricted.name  # not a member of opsdrill, which owns the function here
+    restricted.grant("REVOKE EXECUTE ON FUNCTION pg_catalog.pg_control_system() FROM PUBLIC")
+    try:
+        proc = opsdrill("inventory", "check", str(restricted.env.path), "--for", "backup")
+    finally:
+        restricted.grant("GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_system() TO PUBLIC")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        f'fix: GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_system() TO "{role}"' in proc.stderr
+    )
