@@ -26,12 +26,19 @@ from typing import Any
 import psycopg
 
 from opsdrill import __version__, catalog
-from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError, TargetUnreachable
+from opsdrill.errors import (
+    ConfigError,
+    OperationFailed,
+    OpsdrillError,
+    PrivilegesMissing,
+    TargetUnreachable,
+)
 from opsdrill.gpg import GpgHome
 from opsdrill.inventory import Database, Inventory, Store
 from opsdrill.manifest import Manifest
 from opsdrill.pg import Endpoint, collect_stats, database_endpoint, server_info
 from opsdrill.pipeline import HashingReader, Pipeline, Stage
+from opsdrill.preflight import check_privileges
 from opsdrill.progress import Progress
 from opsdrill.s3 import PART_SIZE, S3_ERRORS, client, unreachable
 from opsdrill.stack.postgres import pg_bindir
@@ -106,8 +113,17 @@ def run_backup(
             snap_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             snap_conn.read_only = True
             server = server_info(snap_conn)
+            # Before pg_dump starts: a role that cannot read a table or a large object
+            # would fail halfway, after the upload began. Catalog queries only.
+            found = check_privileges(snap_conn)
+            if not found.ok:
+                raise PrivilegesMissing(
+                    f"backup pre-flight: databases.{name} ({endpoint.where}): role "
+                    f"{found.role}: {found.summary()}; nothing was dumped or uploaded"
+                )
             row = snap_conn.execute("SELECT pg_export_snapshot()").fetchone()
-            assert row is not None
+            if row is None:  # pg_export_snapshot() always returns a row
+                raise OperationFailed("snapshot", "pg_export_snapshot() returned no row")
             snapshot = str(row[0])
             stages = [
                 Stage(

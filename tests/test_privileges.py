@@ -157,3 +157,17 @@ def test_a_role_that_cannot_read_the_system_identifier_is_told_the_grant(
     assert (
         f'fix: GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_system() TO "{role}"' in proc.stderr
     )
+
+
+def test_a_backup_by_a_role_that_cannot_read_everything_stops_before_uploading(
+    restricted: RestrictedRole,
+) -> None:
+    """Today pg_dump itself finds out, halfway through the dump, after the upload began."""
+    env = restricted.env
+    proc = opsdrill("backup", "-i", str(env.path), "-d", "crm")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "backup pre-flight: databases.crm" in proc.stderr, proc.stderr
+    assert "large objects owned by opsdrill: 3 not readable" in proc.stderr, proc.stderr
+    assert "nothing was dumped or uploaded" in proc.stderr
+    s3, store = env.s3()
+    assert not list(s3.list_objects(store.bucket, prefix=store.prefix, recursive=True))
