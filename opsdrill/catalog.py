@@ -8,12 +8,14 @@ listing sorts chronologically and retention can judge from keys alone.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from minio import Minio
+from minio.error import S3Error
 
 from opsdrill.errors import OperationFailed
 from opsdrill.inventory import Store
@@ -26,6 +28,10 @@ _KEY = re.compile(
 )
 MANIFEST_SUFFIX = ".manifest.json"
 MAX_MANIFEST = 16 * 1024 * 1024
+# Parallel manifest GETs when judging every stored backup (prune, the retention audit): a
+# full policy holds ~200 backups (7*24 hourly + 30 daily), a few kB of manifest each, so
+# the time is round trips; 8 keep it to about a second without crowding the store.
+MANIFEST_READERS = 8
 
 
 @dataclass
@@ -37,10 +43,17 @@ class BackupRef:
     manifest_key: str | None = None
     size: int = 0
     last_modified: datetime | None = None
+    # Why a complete backup is not a good one (set by ``verify_manifests``); None: not
+    # found wrong, or not looked at.
+    problem: str | None = None
 
     @property
     def complete(self) -> bool:
         return self.data_key is not None and self.manifest_key is not None
+
+    @property
+    def good(self) -> bool:
+        return self.complete and self.problem is None
 
 
 def db_prefix(store: Store, database: str) -> str:
@@ -125,22 +138,60 @@ def read_manifest(client: Minio, store: Store, ref: BackupRef) -> Manifest:
     fields missing) raises ``OperationFailed``: the backup is bad, not the store down."""
     if ref.manifest_key is None:
         raise OperationFailed("manifest", f"backup {ref.id} has no manifest")
-    response = client.get_object(store.bucket, ref.manifest_key)
     try:
-        raw = response.read(MAX_MANIFEST + 1)
-    finally:
-        response.close()
-        response.release_conn()
-    if len(raw) > MAX_MANIFEST:
-        raise OperationFailed(
-            "manifest", f"{ref.manifest_key} is larger than {MAX_MANIFEST // 2**20} MiB"
-        )
-    try:
-        return Manifest.from_json(raw)
+        return Manifest.from_json(_manifest_bytes(client, store, ref.manifest_key))
     except ManifestInvalid as exc:
         raise OperationFailed(
             "manifest", f"{ref.manifest_key} is not a valid manifest: {exc}"
         ) from None
+
+
+def _manifest_bytes(client: Minio, store: Store, key: str) -> bytes:
+    response = client.get_object(store.bucket, key)
+    try:
+        raw = bytes(response.read(MAX_MANIFEST + 1))
+    finally:
+        response.close()
+        response.release_conn()
+    if len(raw) > MAX_MANIFEST:
+        raise ManifestInvalid(f"it is larger than {MAX_MANIFEST // 2**20} MiB")
+    return raw
+
+
+def manifest_problem(client: Minio, store: Store, ref: BackupRef) -> str | None:
+    """Why complete ``ref`` is not a good backup, or None: its manifest parses and names
+    the listed data object with the listed size. Store errors propagate (could not look)."""
+    assert ref.manifest_key is not None and ref.data_key is not None
+    try:
+        manifest = Manifest.from_json(_manifest_bytes(client, store, ref.manifest_key))
+    except ManifestInvalid as exc:
+        return f"manifest is not valid: {exc}"
+    except S3Error as exc:
+        if exc.code == "NoSuchKey":  # deleted between the listing and now
+            return "manifest vanished after the listing"
+        raise
+    key, size = manifest.object.get("key"), manifest.object["size"]
+    if key != ref.data_key:
+        return f"manifest names object {str(key)[:200]!r}, not the stored {ref.data_key}"
+    if size != ref.size:
+        return f"manifest says {size} bytes, the stored object has {ref.size}"
+    return None
+
+
+def verify_manifests(
+    client: Minio, store: Store, refs: Sequence[BackupRef], workers: int = MANIFEST_READERS
+) -> None:
+    """Set ``problem`` on every complete ref whose manifest does not vouch for its object:
+    one GET per backup, ``workers`` at a time. The first store error is raised after the
+    requests not yet started are cancelled."""
+    complete = [r for r in refs if r.complete]
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="manifest")
+    try:
+        futures = [pool.submit(manifest_problem, client, store, r) for r in complete]
+        for ref, future in zip(complete, futures, strict=True):
+            ref.problem = future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def latest_complete(refs: list[BackupRef]) -> BackupRef | None:

@@ -180,16 +180,26 @@ def test_drill_over_rto_fails(env: Env) -> None:
 
 @proves(failed=["pg.drill.sandbox_guard", "pg.drill.restore"])
 def test_sandbox_pointing_at_live_is_refused(env: Env) -> None:
+    """The live cluster as sandbox, at its own address and through another one (there its
+    system identifier gives it away; tests/test_drill_guard.py: also with live down)."""
     env.backup()
     live = env.data["databases"]["crm"]
-    env.rewrite(
-        lambda d: d["databases"]["crm"]["sandbox"].update(
-            dsn=live["dsn"].rsplit("/", 1)[0] + "/postgres", password_env=live["password_env"]
+    server = live["dsn"].rsplit("/", 1)[0]
+    for host, why in (
+        ("127.0.0.1", "(same address)"),
+        ("localhost", "the same cluster (system identifier"),
+    ):
+        env.rewrite(
+            lambda d, host=host: d["databases"]["crm"]["sandbox"].update(
+                dsn=server.replace("@127.0.0.1:", f"@{host}:") + "/postgres",
+                password_env=live["password_env"],
+            )
         )
-    )
-    run = env.run_checks("check_pg_drill.py")
-    run.assert_fails("pg.drill.sandbox_guard", "is the live server", "never write to production")
-    run.assert_fails("pg.drill.restore", "drill refused")
+        run = env.run_checks("check_pg_drill.py")
+        run.assert_fails(
+            "pg.drill.sandbox_guard", "is the live server", why, "never write to production"
+        )
+        run.assert_fails("pg.drill.restore", "drill refused")
 
 
 @proves(failed=["pg.backup.retention"])

@@ -22,6 +22,7 @@ NOW = datetime(2026, 11, 28, 13, 30, tzinfo=UTC)
 class FakeBackup:
     taken_at: datetime
     complete: bool = True
+    problem: str | None = None
 
 
 def at(text: str) -> datetime:
@@ -301,7 +302,7 @@ def test_incomplete_backup_is_deleted_after_grace(
 
 def test_multiple_backups_in_one_hour_keep_only_the_newest() -> None:
     runs = [FakeBackup(at(f"2026-11-28 12:{m:02d}")) for m in (5, 45, 20)]
-    decisions = plan(runs, NOW)
+    decisions = plan(runs, NOW, RetentionPolicy(min_keep=1))
     assert [(d.backup.taken_at.minute, d.keep) for d in decisions] == [
         (45, True),
         (20, False),
@@ -354,6 +355,123 @@ def test_non_utc_aware_times_are_judged_in_utc() -> None:
     assert "2026-11-28T12:00Z" in decision.reason
 
 
+# --- min_keep: the newest good backups survive whatever their age ------------------------------
+
+
+def test_backups_stopped_a_month_ago_keep_the_newest_three() -> None:
+    stopped = hourly_history(NOW - 45 * DAY, NOW - 35 * DAY)
+    decisions = plan(stopped, NOW)
+    kept = [d for d in decisions if d.keep]
+    assert [d.backup for d in kept] == sorted(stopped, key=lambda b: b.taken_at)[-3:][::-1]
+    for d in kept:
+        assert d.reason.startswith("kept: one of the 3 newest good backups (min_keep)")
+        assert "older than 30 days" in d.reason  # what the tiers alone would have done
+    # The month-long gap is reported; what min_keep holds on to is not "kept past policy".
+    findings = audit(prune(stopped, NOW), NOW)
+    assert {f.kind for f in findings} == {"missing_day", "missing_hour"}
+
+
+@pytest.mark.parametrize("min_keep", [1, 5])
+def test_min_keep_is_configurable(min_keep: int) -> None:
+    stopped = hourly_history(NOW - 45 * DAY, NOW - 40 * DAY)
+    kept = prune(stopped, NOW, RetentionPolicy(min_keep=min_keep))
+    assert len(kept) == min_keep
+
+
+def test_min_keep_counts_only_good_backups() -> None:
+    good = hourly_history(NOW - 45 * DAY, NOW - 44 * DAY)
+    newer = [
+        FakeBackup(NOW - 40 * DAY, problem="manifest is not valid: it is empty"),
+        FakeBackup(NOW - 39 * DAY, problem="manifest says 9 bytes, the stored object has 7"),
+        FakeBackup(NOW - 38 * DAY, problem="manifest is not valid: not JSON"),
+        FakeBackup(NOW - 37 * DAY, complete=False),
+    ]
+    decisions = {d.backup: d for d in plan([*good, *newer], NOW)}
+    newest_good = sorted(good, key=lambda b: b.taken_at)[-3:]
+    assert {b for b, d in decisions.items() if d.keep} == set(newest_good)
+    for bad in newer[:3]:
+        assert not decisions[bad].keep
+        assert decisions[bad].reason.startswith("not a good backup (manifest")
+        assert "older than 30 days" in decisions[bad].reason
+
+
+def test_min_keep_needs_no_reason_when_the_tiers_keep_them(steady: list[FakeBackup]) -> None:
+    assert not any("min_keep" in d.reason for d in plan(steady, NOW))
+
+
+def test_backup_released_from_min_keep_is_audited_from_its_release() -> None:
+    old = hourly_history(NOW - 45 * DAY, NOW - 45 * DAY + 2 * HOUR)  # three, 45 days old
+    restarted = [FakeBackup(NOW - timedelta(minutes=m)) for m in (50, 30, 10)]
+    findings = audit([*old, *restarted], NOW)
+    # The tiers let the old ones go 15 days ago, min_keep only when the third new backup
+    # was taken 10 minutes ago: prune has until 26 h after that.
+    assert "kept_past_policy" not in {f.kind for f in findings}
+    later = audit([*old, *restarted], NOW + 27 * HOUR)
+    assert [f.kind for f in later].count("kept_past_policy") == 3
+    assert "released it from min_keep" in next(
+        f.message for f in later if f.kind == "kept_past_policy"
+    )
+
+
+# --- bad manifests: never a slot keeper -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "manifest is not valid: not JSON (Expecting value: line 1 column 1 (char 0))",
+        "manifest is not valid: it is empty",
+        "manifest says 123 bytes, the stored object has 99",
+    ],
+)
+def test_bad_manifest_never_pushes_out_the_good_backup_of_its_hour(problem: str) -> None:
+    policy = RetentionPolicy(min_keep=1)  # so that only the slot rules are at work
+    good = FakeBackup(at("2026-11-28 12:05"))
+    bad = FakeBackup(at("2026-11-28 12:40"), problem=problem)
+    decisions = {d.backup: d for d in plan([good, bad], NOW, policy)}
+    assert decisions[good].keep
+    assert decisions[good].reason.startswith("newest in hour slot 2026-11-28T12:00Z")
+    assert decisions[bad].keep  # inside the daily tier: kept for a human
+    assert decisions[bad].reason.startswith(f"not a good backup ({problem}): fills no slot")
+    assert audit([good, bad], NOW, policy) == []
+
+
+def test_bad_manifest_never_pushes_out_the_good_backup_of_its_day(
+    steady: list[FakeBackup],
+) -> None:
+    policy = RetentionPolicy(min_keep=1)
+    history = [*steady, FakeBackup(at("2026-11-10 06:05"))]
+    bad = FakeBackup(at("2026-11-10 23:40"), problem="manifest is not valid: it is empty")
+    decisions = {d.backup.taken_at: d for d in plan([*history, bad], NOW, policy)}
+    assert decisions[at("2026-11-10 23:05")].keep  # the day's newest good one
+    assert not decisions[at("2026-11-10 06:05")].keep
+    # The good one of the day survives even when the bad one is the day's only rival.
+    alone = [b for b in steady if b.taken_at.date() != date(2026, 11, 10)]
+    alone += [FakeBackup(at("2026-11-10 06:05")), bad]
+    decisions = {d.backup.taken_at: d for d in plan(alone, NOW, policy)}
+    assert decisions[at("2026-11-10 06:05")].keep
+    assert decisions[at("2026-11-10 06:05")].reason == (
+        "newest of day 2026-11-10 (daily tier, 30 days)"
+    )
+
+
+def test_bad_manifest_alone_leaves_its_slot_missing(steady: list[FakeBackup]) -> None:
+    swapped = [b for b in steady if b.taken_at != at("2026-11-27 14:05")]
+    swapped.append(FakeBackup(at("2026-11-27 14:05"), problem="manifest is not valid: x"))
+    assert kinds(audit(swapped, NOW)) == [("missing_hour", "2026-11-27T14:00Z")]
+
+
+def test_bad_backup_is_deleted_once_its_day_leaves_the_daily_tier(
+    steady: list[FakeBackup],
+) -> None:
+    bad = FakeBackup(at("2026-10-28 12:00"), problem="manifest is not valid: it is empty")
+    (decision,) = [d for d in plan([*steady, bad], NOW) if d.backup is bad]
+    assert not decision.keep
+    assert decision.reason.endswith("older than 30 days")
+    # It left the daily tier at 2026-11-27T00:00Z; prune had until 2026-11-28T02:00Z.
+    assert kinds(audit([*steady, bad], NOW)) == [("kept_past_policy", "2026-10-28")]
+
+
 # --- validation ---------------------------------------------------------------------------------
 
 
@@ -365,6 +483,7 @@ def test_non_utc_aware_times_are_judged_in_utc() -> None:
         ({"backup_grace": timedelta(minutes=-1)}, "backup_grace"),
         ({"prune_grace": timedelta(hours=-1)}, "prune_grace"),
         ({"incomplete_grace": timedelta(seconds=-1)}, "incomplete_grace"),
+        ({"min_keep": 0}, "min_keep"),
     ],
 )
 def test_invalid_policy_raises(kwargs: dict[str, object], match: str) -> None:

@@ -92,6 +92,11 @@ def _operation(args: argparse.Namespace) -> tuple[str, str]:
 
 def _run(args: argparse.Namespace) -> int:
     path = getattr(args, "metrics_file", None)
+    if path and getattr(args, "dry_run", False):
+        # A dry run changes nothing, the metrics included: recording it would move "last
+        # success" of an operation that did not happen and silence the alert on it.
+        print(f"opsdrill: --dry-run: nothing is written to {path}", file=sys.stderr)
+        path = None
     if not path:
         return int(args.func(args))
     code = 1
@@ -173,9 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     withinventory_for(ls)
     ls.set_defaults(func=cmd_list)
 
-    pr = sub.add_parser("prune", help="apply the retention policy (hourly + daily tiers)")
+    pr = sub.add_parser(
+        "prune",
+        help="apply the retention policy (hourly + daily tiers, the min_keep newest good "
+        "backups always kept); refuses when this host's clock and the store's disagree",
+    )
     withinventory_for(pr)
-    pr.add_argument("--dry-run", action="store_true", help="print keep/delete with reasons")
+    pr.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print keep/delete with reasons; deletes nothing and writes no metrics",
+    )
     with_metrics(pr)
     pr.set_defaults(func=cmd_prune)
 

@@ -48,9 +48,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     inv = inventory_for(args, scope="store")
     for name in databases_in(inv, args.database):
-        for decision in prune(inv, name, dry_run=args.dry_run):
+        decisions = prune(inv, name, dry_run=args.dry_run)
+        for decision in decisions:
             verb = "keep  " if decision.keep else ("would delete" if args.dry_run else "delete")
             print(f"{verb} {decision.backup.id}: {decision.reason}")
+        kept = [d.backup for d in decisions if d.keep]
+        gone = len(decisions) - len(kept)
+        print(
+            f"{name}: {len(kept)} kept ({sum(r.good for r in kept)} good), {gone} "
+            f"{'would be deleted (dry run: nothing changed)' if args.dry_run else 'deleted'}"
+        )
     return 0
 
 
