@@ -26,10 +26,11 @@ from typing import Any
 
 from minio import Minio
 
+from opsdrill import envfile
 from opsdrill.catalog import MANIFEST_SUFFIX, TS_FORMAT, pair_objects
 from opsdrill.errors import ConfigError, OperationFailed, TargetUnreachable
 from opsdrill.gpg import GpgHome, import_drill_key, inspect
-from opsdrill.inventory import Gpg, Inventory, Store, parse_env_text
+from opsdrill.inventory import Gpg, Inventory, Store
 from opsdrill.s3 import S3_ERRORS, client, unreachable
 from opsdrill.secrets import register
 
@@ -273,6 +274,7 @@ def _read_source(inv: Inventory, name: str) -> tuple[bytes, str, str]:
     bundle = inv.bundle(name)
     if bundle.env_file is not None:
         path = inv.resolve_path(bundle.env_file)
+        envfile.warn_if_exposed(path, f"secrets.{name}.env_file")
         try:
             return path.read_bytes(), "env_file", str(path)
         except OSError as exc:
@@ -309,10 +311,9 @@ def _run(argv: list[str], timeout: float, what: str) -> bytes:
 
 
 def parse_env_bytes(raw: bytes, where: str) -> dict[str, str]:
-    try:
-        values = parse_env_text(raw.decode("utf-8"), where)
-    except UnicodeDecodeError:  # its message would quote the offending byte
-        raise ConfigError(f"{where}: not UTF-8 text") from None
+    """Parsed as the application's dotenv reads it (opsdrill.envfile); every value is
+    registered for redaction."""
+    values = envfile.parse_env_bytes(raw, where)
     for value in values.values():
         register(value)
     return values

@@ -9,6 +9,7 @@ meets a half-started run. Structural validation is pydantic's; we only reword it
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,8 +24,11 @@ from pydantic import (
     model_validator,
 )
 
-from opsdrill._model import ENV_NAME_PATTERN
+from opsdrill._model import NOT_AN_ENV_NAME, HostPort, SecretEnvName
 from opsdrill._model import StrictModel as _Model
+from opsdrill.envfile import parse_env_text as parse_env_text
+from opsdrill.envfile import read_env_file as read_env_file
+from opsdrill.envfile import warn_if_exposed
 from opsdrill.errors import ConfigError
 from opsdrill.inventory_mail import (
     DnsSettings,
@@ -46,35 +50,28 @@ from opsdrill.inventory_probe import (
     QueueBacklog,
     probe_env_refs,
 )
-from opsdrill.secrets import SecretMissing, resolve_env
+from opsdrill.secrets import SecretMissing, redact, resolve_env
 
 
 class Store(_Model):
     """An S3-compatible bucket (MinIO in production, moto in the local stack)."""
 
-    endpoint: str = Field(description="host:port of the S3 API")
+    endpoint: HostPort = Field(description="host:port of the S3 API")
     bucket: str = Field(min_length=3)
     prefix: str = ""
     secure: bool = True
     region: str = "us-east-1"
-    access_key_env: str = Field(pattern=ENV_NAME_PATTERN)
-    secret_key_env: str = Field(pattern=ENV_NAME_PATTERN)
+    access_key_env: SecretEnvName
+    secret_key_env: SecretEnvName
     ca_file: str | None = None
     timeout_seconds: float = Field(default=30.0, gt=0)
-
-    @field_validator("endpoint")
-    @classmethod
-    def _no_scheme(cls, value: str) -> str:
-        if "://" in value:
-            raise ValueError("endpoint is host:port without a scheme; use secure = true/false")
-        return value
 
 
 class Gpg(_Model):
     recipients: list[str] = Field(min_length=1, description="OpenPGP fingerprints")
     public_keys_file: str
     drill_private_key_file: str | None = None
-    drill_passphrase_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
+    drill_passphrase_env: SecretEnvName | None = None
 
     @field_validator("recipients")
     @classmethod
@@ -106,13 +103,13 @@ class Sandbox(_Model):
     """Where drills restore: a throwaway server, never production."""
 
     dsn: str
-    password_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
+    password_env: SecretEnvName | None = None
     max_shrink_percent: float = Field(default=10.0, ge=0, le=100)
 
 
 class Database(_Model):
     dsn: str = Field(description="libpq URI or key=value string, without a password")
-    password_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
+    password_env: SecretEnvName | None = None
     store: str | None = None
     rpo_minutes: float = Field(default=60, gt=0)
     rto_minutes: float = Field(default=60, gt=0)
@@ -269,7 +266,35 @@ def _fix_hint(loc: str, err_type: str) -> str:
         return "remove it or check its spelling"
     if err_type == "missing":
         return "add it"
+    if err_type == NOT_AN_ENV_NAME:
+        return (
+            "write the upper-case NAME of the variable that holds the secret, e.g. "
+            "CRM_DB_PASSWORD, and set that variable; if a secret was written here, rotate it"
+        )
     return "correct the value"
+
+
+# Keys whose value may be a secret (or, for *_env, a secret put where its name belongs):
+# an error about them never shows the value. The rest is shown redacted.
+_SECRET_KEY = re.compile(
+    r"(_env$|pass|secret|token|credential|private|authorization|cookie|api[_-]?key|access[_-]?key"
+    r"|^headers$|^json$)",
+    re.IGNORECASE,
+)
+# user:password@ in a value that is not a URL (an endpoint): redact() only knows URLs.
+_USERINFO = re.compile(r"(^|//)[^/\s@:]*:[^/\s@]*@")
+
+
+def _found(err_type: str, loc: tuple[int | str, ...], found: object) -> str:
+    """``, found VALUE`` when the value helps and cannot be a secret, else nothing."""
+    if err_type in ("missing", "extra_forbidden") or isinstance(found, dict):
+        return ""  # an unknown key's value is no help, and may be a password = "..."
+    if any(_SECRET_KEY.search(str(part)) for part in loc):
+        return ""
+    text = repr(found)
+    if _USERINFO.search(text):
+        return ""
+    return f", found {redact(text)}"
 
 
 def _format_validation(path: Path, exc: ValidationError) -> list[str]:
@@ -277,10 +302,7 @@ def _format_validation(path: Path, exc: ValidationError) -> list[str]:
     for err in exc.errors():
         # A dotted key (a domain) is quoted, as TOML needs it: sending_domains."a.test".mx
         loc = ".".join(f'"{p}"' if "." in str(p) else str(p) for p in err["loc"])
-        found = err.get("input")
-        shown = (
-            "" if err["type"] in ("missing",) or isinstance(found, dict) else f", found {found!r}"
-        )
+        shown = _found(err["type"], err["loc"], err.get("input"))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -375,31 +397,6 @@ def _env_refs(model: InventoryModel) -> list[tuple[str, str, frozenset[str]]]:
     return refs
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    return parse_env_text(path.read_text(), where=str(path))
-
-
-def parse_env_text(text: str, where: str = "env") -> dict[str, str]:
-    """Parse KEY=VALUE lines (comments, blank lines, ``export`` and quotes allowed).
-
-    The error names the line number only: a malformed line may hold a secret value.
-    """
-    values: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.removeprefix("export ")
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{where}:{lineno}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
-
-
 def load(
     path: str | os.PathLike[str],
     environ: Mapping[str, str] | None = None,
@@ -431,10 +428,14 @@ def load(
                 f"{p}: env_file: {env_path} does not exist (fix: create it or remove env_file)"
             )
         else:
-            for key, value in read_env_file(env_path).items():
-                if key not in env:
-                    env[key] = value
-                    from_file.add(key)
+            warn_if_exposed(env_path, "the inventory's env_file")
+            try:
+                for key, value in read_env_file(env_path).items():
+                    if key not in env:
+                        env[key] = value
+                        from_file.add(key)
+            except ConfigError as exc:
+                problems.append(f"{p}: env_file: {exc.message}")
     for key, var, scopes in _env_refs(model):
         if scope not in scopes:
             continue

@@ -26,9 +26,10 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from opsdrill._model import ENV_NAME_PATTERN, StrictModel
+from opsdrill._model import ENV_NAME_PATTERN, Host, SecretEnvName, StrictModel, port_problem
 
 TlsMode = Literal["starttls", "tls", "none"]
+# A variable of the application's environment (not a secret of ours: forbidden_keys).
 EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
 # A network wait: positive and bounded, so a typo (3000 for 30) cannot stall a run.
 Timeout = Annotated[float, Field(gt=0, le=300)]
@@ -67,17 +68,10 @@ def _loopback(host: str) -> bool:
 
 
 class _Endpoint(StrictModel):
-    host: str = Field(min_length=1)
+    host: Host
     ca_file: str | None = Field(default=None, description="PEM CA bundle for a private CA")
     verify: bool = Field(default=True, description="false: TLS without certificate checks")
     timeout_seconds: Timeout = 10.0
-
-    @field_validator("host")
-    @classmethod
-    def _bare_host(cls, value: str) -> str:
-        if "/" in value or value.count(":") == 1:
-            raise ValueError("a host name or IP address alone: the port is its own key")
-        return value
 
 
 class _Tls(_Endpoint):
@@ -99,7 +93,7 @@ class SmtpSubmission(_Tls):
     port: Port = 587
     tls: TlsMode = "starttls"
     user: str | None = Field(default=None, min_length=1)
-    password_env: EnvName | None = None
+    password_env: SecretEnvName | None = None
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> SmtpSubmission:
@@ -115,7 +109,7 @@ class ImapMailbox(_Tls):
     port: Port = 993
     tls: TlsMode = "tls"
     user: str = Field(min_length=1)
-    password_env: EnvName
+    password_env: SecretEnvName
     folders: list[str] = Field(default_factory=lambda: ["INBOX"], min_length=1)
     junk_folders: list[str] = Field(default_factory=lambda: ["Junk"])
 
@@ -130,7 +124,7 @@ class ImapMailbox(_Tls):
 class SpamdScoring(StrictModel):
     """SpamAssassin's spamd (SPAMC protocol) scoring the received copy."""
 
-    host: str = Field(default="127.0.0.1", min_length=1)
+    host: Host = "127.0.0.1"
     port: Port = 783
     max_score: float = Field(default=5.0, le=100)
     timeout_seconds: Timeout = 30.0
@@ -144,7 +138,7 @@ class HttpTrigger(StrictModel):
     # TOML key ``json``: the request body (a JSON object).
     json_body: dict[str, Any] | None = Field(default=None, alias="json")
     headers: dict[str, str] = Field(default_factory=dict, description="no secrets here")
-    bearer_token_env: EnvName | None = None
+    bearer_token_env: SecretEnvName | None = None
     ca_file: str | None = None
     verify: bool = True
     timeout_seconds: Timeout = 10.0
@@ -152,11 +146,16 @@ class HttpTrigger(StrictModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
+        if any(c.isspace() for c in value):
+            raise ValueError("contains whitespace (fix: remove it, or percent-encode it)")
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("an http:// or https:// URL")
         if parts.password:
             raise ValueError("contains a password (fix: use bearer_token_env)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("an http:// or https:// URL")
+        _, colon, port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")
+        if colon and (problem := port_problem(port)):
+            raise ValueError(problem)
         return value
 
     @field_validator("headers")
@@ -287,7 +286,7 @@ class RedisEndpoint(_Endpoint):
     port: Port = 6379
     tls: bool = False
     username: str | None = None
-    password_env: EnvName | None = None
+    password_env: SecretEnvName | None = None
     db: int = Field(default=0, ge=0, le=255)
     timeout_seconds: Timeout = 5.0
 

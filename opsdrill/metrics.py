@@ -6,6 +6,10 @@ runs. Several jobs may share one file (say, a backup per database), so a write m
 what the file already holds, under a lock, and replaces it atomically (prometheus_client
 writes a temporary file and renames it). A failed run keeps the previous
 ``last_success`` timestamp: that is what an alert on "no success for 2 h" needs.
+
+A file we cannot read back (truncated by a full disk, edited by hand, not UTF-8) is
+replaced by this run's metrics, with a warning naming it: the metrics are a report on the
+operation, so they must never fail it, nor stay broken for every later run.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import fcntl
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +40,10 @@ HELP = {
 }
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[str, dict[Labels, float]]
+_AREA = ["area", "outcome"]  # the label names of opsdrill_checks, sorted
+# What prometheus_client's parser and Gauge raise on text that is not ours or not whole
+# (UnicodeDecodeError is a ValueError).
+_UNREADABLE = (ValueError, IndexError, KeyError, TypeError)
 
 
 @dataclass
@@ -85,8 +94,12 @@ def write_checks(
 ) -> None:
     """counts: (area, outcome) -> number of checks. Areas and outcomes absent now are 0."""
     now = time.time()
-    old = read(path).get("opsdrill_checks", {})
-    checks: dict[Labels, float] = {key: 0.0 for key in old}
+    try:
+        old = read(path).get("opsdrill_checks", {})
+    except _UNREADABLE:
+        old = {}  # merge_into warns and replaces it
+    # only our own label sets: a file not written by us must not break this run's table
+    checks: dict[Labels, float] = {key: 0.0 for key in old if [k for k, _ in key] == _AREA}
     for (area, outcome), n in counts.items():
         checks[(("area", area), ("outcome", outcome))] = float(n)
     update: Samples = {
@@ -100,11 +113,12 @@ def write_checks(
 
 
 def read(path: Path) -> Samples:
-    """Our own earlier output (unknown metrics are dropped: the file is ours)."""
+    """Our own earlier output (unknown metrics are dropped: the file is ours). Raises one
+    of ``_UNREADABLE`` when the file is not Prometheus text."""
     if not path.exists():
         return {}
     samples: Samples = {}
-    for family in text_string_to_metric_families(path.read_text()):
+    for family in text_string_to_metric_families(path.read_text(encoding="utf-8")):
         for sample in family.samples:
             if sample.name in HELP:
                 key = tuple(sorted(sample.labels.items()))
@@ -115,20 +129,38 @@ def read(path: Path) -> Samples:
 def merge_into(path: Path, update: Samples) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
-        samples = read(path)
-        for name, values in update.items():
-            if name == "opsdrill_checks":
-                samples[name] = dict(values)  # a check run replaces the whole table
-            else:
-                samples.setdefault(name, {}).update(values)
-        registry = CollectorRegistry()
-        for name, values in sorted(samples.items()):
-            label_names = sorted({k for labels in values for k, _ in labels})
-            gauge = Gauge(name, HELP[name], label_names, registry=registry)
-            for labels, value in values.items():
-                (gauge.labels(**dict(labels)) if label_names else gauge).set(value)
+        try:
+            registry = _registry(_merged(read(path), update))
+        except _UNREADABLE as exc:
+            warnings.warn(
+                f"metrics file {path} is not Prometheus text opsdrill can read "
+                f"({type(exc).__name__}); replacing it with this run's metrics",
+                stacklevel=3,
+            )
+            registry = _registry(_merged({}, update))
         write_to_textfile(str(path), registry)
         os.chmod(path, 0o644)  # node_exporter runs as its own user
+
+
+def _merged(samples: Samples, update: Samples) -> Samples:
+    for name, values in update.items():
+        if name == "opsdrill_checks":
+            samples[name] = dict(values)  # a check run replaces the whole table
+        else:
+            samples.setdefault(name, {}).update(values)
+    return samples
+
+
+def _registry(samples: Samples) -> CollectorRegistry:
+    """The samples as gauges; raises when one metric's samples have different label names
+    (a file that is not ours)."""
+    registry = CollectorRegistry()
+    for name, values in sorted(samples.items()):
+        label_names = sorted({k for labels in values for k, _ in labels})
+        gauge = Gauge(name, HELP[name], label_names, registry=registry)
+        for labels, value in values.items():
+            (gauge.labels(**dict(labels)) if label_names else gauge).set(value)
+    return registry
 
 
 @contextlib.contextmanager

@@ -125,6 +125,7 @@ def world() -> Iterator[World]:
             "ENVB_WRONG_PASSPHRASE": "wp" + secrets.token_hex(12),
         }
         (base / "creds.env").write_text("".join(f"{k}={v}\n" for k, v in creds.items()))
+        (base / "creds.env").chmod(0o600)  # opsdrill warns about an env file others can read
         Minio(
             f"127.0.0.1:{server.port}",
             creds["ENVB_S3_ACCESS"],
@@ -183,7 +184,11 @@ def test_round_trip(world: World) -> None:
 
 def test_malformed_env_line_is_named_by_number_only(world: World) -> None:
     bad = world.base / "bad.env"
-    bad.write_text(f"ENCRYPTION_KEY=ok-{uuid.uuid4().hex}\n{world.planted['SMTP_PASSWORD']}\n")
+    # a secret pasted on a line of its own with a word after it: python-dotenv cannot parse
+    # it (a name alone, without the word, is valid dotenv: a key that is not set)
+    secret = world.planted["SMTP_PASSWORD"]
+    bad.write_text(f"ENCRYPTION_KEY=ok-{uuid.uuid4().hex}\n{secret} pasted\n")
+    bad.chmod(0o600)
     inv = world.inventory({"env_file": str(bad)})
     for call in (read_live_env, backup_bundle):
         with pytest.raises(ConfigError, match=r"bad\.env:2: expected KEY=VALUE") as err:
@@ -378,6 +383,7 @@ def test_incomplete_and_foreign_objects(world: World) -> None:
 def test_empty_env_is_refused(world: World) -> None:
     empty = world.base / "empty.env"
     empty.write_text("# nothing here\n\n")
+    empty.chmod(0o600)
     inv = world.inventory({"env_file": str(empty)})
     with pytest.raises(OperationFailed, match="holds no KEY=VALUE lines"):
         backup_bundle(inv, "app")

@@ -137,6 +137,7 @@ def test_env_file_supplies_missing_variables(tmp_path: Path) -> None:
     (tmp_path / "secrets.env").write_text(
         "# comment\nexport T_DB_PASSWORD='from-file-pw'\nT_S3_ACCESS=a-key\nT_S3_SECRET=s-key\n"
     )
+    (tmp_path / "secrets.env").chmod(0o600)
     inv = load(write(tmp_path, 'env_file = "secrets.env"\n' + GOOD), environ={})
     assert inv.secret("T_DB_PASSWORD") == "from-file-pw"
     # the environment wins over the file
@@ -548,7 +549,11 @@ def test_secrets_stay_out_of_probe_sections(tmp_path: Path) -> None:
         "probes.portal-invite.trigger.url: contains a password (fix: use bearer_token_env)" in msg
     )
     assert "trigger.headers: secrets go in bearer_token_env, not in headers" in msg
-    assert "probes.transactional.imap.password_env: String should match pattern" in msg
+    assert (
+        "probes.transactional.imap.password_env: is not an environment variable name (it looks "
+        "like a value: never put a secret in the inventory)"
+    ) in msg
+    assert "imap pw" not in msg
 
 
 def test_app_environment_needs_exactly_one_source(tmp_path: Path) -> None:
@@ -564,3 +569,203 @@ def test_app_environment_needs_exactly_one_source(tmp_path: Path) -> None:
     env = inv.app_environment("crm")
     assert env.forbidden_keys == ["DEBUG"] and env.env_file is not None
     assert inv.resolve_path(env.env_file) == tmp_path.resolve() / "app/.env"
+
+
+# -- a secret where a variable NAME belongs is never printed back ---------------------------
+SECRET_KEYS = {
+    # inventory key: the TOML line it is set by (its value planted below)
+    "stores.offsite.access_key_env": 'access_key_env = "T_S3_ACCESS"',
+    "stores.offsite.secret_key_env": 'secret_key_env = "T_S3_SECRET"',
+    "databases.crm.password_env": 'password_env = "T_DB_PASSWORD"',
+    "gpg.drill_passphrase_env": 'public_keys_file = "keys.asc"',
+    "databases.crm.sandbox.password_env": "",
+    "probes.transactional.smtp.password_env": 'password_env = "T_SMTP_PASSWORD"',
+    "probes.transactional.imap.password_env": 'password_env = "T_IMAP_PASSWORD"\nfolders',
+    "probes.portal-invite.trigger.bearer_token_env": 'bearer_token_env = "T_APP_TOKEN"',
+    "queues.email.redis.password_env": 'password_env = "T_REDIS_PASSWORD" }',
+}
+# Shapes of real secrets: symbols, a mixed-case word, an access key id, a number.
+PLANTED = [
+    "Tr0ub4dor&3",
+    "correct horse battery staple",
+    "Hunter2Hunter2",
+    "AKIAIOSFODNN7EXAMPLE",
+    "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+    "p@ss:w0rd$",
+    "s3cr3t_lower_case",
+    "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+    "-----BEGIN PGP-----",
+]
+
+
+def planted_inventory(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """GOOD + PROBES with a secret value in every ``*_env`` key (and two more places a
+    secret goes by mistake: a ``password`` key, a number in ``password_env``)."""
+    text = GOOD + PROBES + '\n[databases.crm.sandbox]\ndsn = "postgresql://x@sandbox/postgres"\n'
+    text += 'password_env = "T_SANDBOX_PW"\n'
+    values = {}
+    for i, (key, line) in enumerate(SECRET_KEYS.items()):
+        value = PLANTED[i]
+        quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        values[key] = value
+        if key == "gpg.drill_passphrase_env":
+            text = text.replace(line, f"{line}\ndrill_passphrase_env = {quoted}")
+        elif key == "databases.crm.sandbox.password_env":
+            text = text.replace('password_env = "T_SANDBOX_PW"', f"password_env = {quoted}")
+        else:
+            var = line.split('"')[1]
+            assert text.count(f'"{var}"') >= 1, key
+            text = text.replace(line, line.replace(f'"{var}"', quoted), 1)
+    return write(tmp_path, text), values
+
+
+def assert_not_shown(values: dict[str, str], output: str) -> None:
+    shown = {k: v for k, v in values.items() if v in output}
+    assert not shown, f"secret values printed back: {shown}\n{output}"
+
+
+def test_a_secret_in_an_env_key_is_named_never_shown(tmp_path: Path) -> None:
+    path, values = planted_inventory(tmp_path)
+    msg = error_of(path, environ=PROBE_ENV)
+    assert_not_shown(values, msg)
+    for key in values:
+        assert (
+            f"{key}: is not an environment variable name (it looks like a value: never put a "
+            "secret in the inventory)"
+        ) in msg, key
+    assert len(msg.splitlines()) == len(values), msg
+
+
+def test_cli_inventory_check_never_prints_a_planted_secret(tmp_path: Path) -> None:
+    path, values = planted_inventory(tmp_path)
+    # and two more mistakes: a password given directly, a number where a name belongs
+    text = path.read_text().replace(
+        'dsn = "postgresql://x@sandbox/postgres"',
+        'dsn = "postgresql://x@sandbox/postgres"\npassword = "Direct-Pa55word!"',
+    )
+    path.write_text(text.replace('name = "prod"', 'name = "prod"\nextra_token = "tok-Xy9-zz"'))
+    values |= {"password": "Direct-Pa55word!", "extra_token": "tok-Xy9-zz"}
+    proc = opsdrill("inventory", "check", str(path), env={**os.environ, **PROBE_ENV})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert_not_shown(values, proc.stdout + proc.stderr)
+    assert "databases.crm.sandbox.password: unknown key" in proc.stderr
+    assert "is not an environment variable name" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_check_run_never_prints_a_planted_secret(tmp_path: Path) -> None:
+    from tests.conftest import run_checks
+
+    path, values = planted_inventory(tmp_path)
+    run = run_checks(path, "check_dns_mx.py")
+    assert run.returncode == 2, run.output[-3000:]
+    assert "is not an environment variable name" in run.output
+    assert_not_shown(values, run.output)
+
+
+@pytest.mark.parametrize(
+    ("line", "value"),
+    [
+        ("password_env = 12345678", "12345678"),
+        ('password_env = "lower_case_name"', "lower_case_name"),
+        ('password_env = "Hunter2"', "Hunter2"),
+        ('password_env = ["Tr0ub4dor&3"]', "Tr0ub4dor&3"),
+    ],
+)
+def test_wrong_types_and_lower_case_names_are_not_echoed(
+    tmp_path: Path, line: str, value: str
+) -> None:
+    msg = error_of(write(tmp_path, GOOD.replace('password_env = "T_DB_PASSWORD"', line)))
+    assert "databases.crm.password_env:" in msg and value not in msg
+
+
+def test_no_other_validation_error_echoes_a_secret_looking_field(tmp_path: Path) -> None:
+    probes = PROBES.replace(
+        'url = "https://crm.example.test/api/portal/invite"',
+        'url = "ftp://user:Pa55-in-url@crm.example.test/x"\n'
+        'headers = { X-Api-Key = 4242424242, Accept = "json" }',
+    )
+    good = GOOD.replace('"minio.example.net:9000"', '"AKIA:sEcReT-kEy-1@minio:9000"')
+    msg = error_of(write(tmp_path, good + probes), environ=PROBE_ENV)
+    assert "probes.portal-invite.trigger.url" in msg and "stores.offsite.endpoint" in msg
+    assert "trigger.headers.X-Api-Key" in msg
+    for value in ("Pa55-in-url", "4242424242", "sEcReT-kEy-1"):
+        assert value not in msg, (value, msg)
+
+
+# -- endpoints that would only fail at run time ---------------------------------------------
+@pytest.mark.parametrize(
+    ("endpoint", "says"),
+    [
+        ("", "empty"),
+        ("minio.example.net:9000/backups", "host:port only, without a path"),
+        ("minio.example.net:notaport", "port 'notaport' is not a number"),
+        ("minio.example.net:", "port '' is not a number"),
+        ("minio.example.net:0", "port 0 is out of range (1-65535)"),
+        ("minio.example.net:65536", "port 65536 is out of range (1-65535)"),
+        (" minio.example.net:9000", "contains whitespace"),
+        ("minio.example.net:9000\n", "contains whitespace"),
+        ("minio example.net:9000", "contains whitespace"),
+        ("::1:9000", "an IPv6 address goes in brackets"),
+        ("[minio]:9000", "not an IPv6 address"),
+        ("minio!.example.net:9000", "not a host name or IP address"),
+        ("minio.example.net:9000?x=1", "host:port only, without a path"),
+    ],
+)
+def test_store_endpoints_that_fail_at_run_time_are_rejected(
+    tmp_path: Path, endpoint: str, says: str
+) -> None:
+    toml_value = endpoint.replace("\n", "\\n")
+    text = GOOD.replace('"minio.example.net:9000"', f'"{toml_value}"')
+    msg = error_of(write(tmp_path, text))
+    assert f"stores.offsite.endpoint: {says}" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["minio.example.net:9000", "minio.example.net", "127.0.0.1:9000", "[::1]:9000", "s3_1:443"],
+)
+def test_store_endpoints_that_work_are_accepted(tmp_path: Path, endpoint: str) -> None:
+    text = GOOD.replace('"minio.example.net:9000"', f'"{endpoint}"')
+    assert load(write(tmp_path, text), environ=ENV).store("offsite").endpoint == endpoint
+
+
+def test_cli_inventory_check_rejects_bad_endpoints_naming_the_field(tmp_path: Path) -> None:
+    text = GOOD.replace('"minio.example.net:9000"', '"minio.example.net:9000/crm"')
+    proc = opsdrill("inventory", "check", str(write(tmp_path, text)), env={**os.environ, **ENV})
+    assert proc.returncode == 2
+    assert "stores.offsite.endpoint: host:port only, without a path" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "says"),
+    [
+        ('host = "smtp.relay-one.test"', 'host = " smtp.relay-one.test"', "smtp.host: contains"),
+        ('host = "imap.mailbox.test"\nport', 'host = "imap mailbox"\nport', "imap.host: contains"),
+        ('host = "imap.mailbox.test"\nport', 'host = "imap/x"\nport', "imap.host: a host name"),
+        ('host = "127.0.0.1", port = 783', 'host = "127.0.0.1:783"', "spamd.host: a host name"),
+        ('host = "127.0.0.1", port = 783', 'host = "", port = 783', "spamd.host: empty"),
+        ('host = "127.0.0.1", port = 783', 'host = "spam d", port = 783', "spamd.host: contains"),
+        ('{ host = "redis.internal.test"', '{ host = "redis.internal.test\\t"', "redis.host: cont"),
+        ('{ host = "redis.internal.test"', '{ host = "[::1]"', "redis.host: not a host name"),
+        ("port = 587", "port = 70000", "smtp.port: Input should be less than or equal to 65535"),
+        ("port = 587", 'port = "587"', "smtp.port: Input should be a valid integer"),
+        ("/api/portal/invite", ":99999/x", "trigger.url: port 99999 is out of range"),
+        ("/api/portal/invite", ":abc/x", "trigger.url: port 'abc' is not a number"),
+        ("crm.example.test/api", "crm.example.test /api", "trigger.url: contains whitespace"),
+    ],
+)
+def test_probe_spamd_and_redis_hosts_are_checked(
+    tmp_path: Path, old: str, new: str, says: str
+) -> None:
+    assert old in PROBES, old
+    msg = probe_error(tmp_path, PROBES.replace(old, new, 1))
+    assert says in msg, msg
+
+
+def test_probe_hosts_that_work_are_accepted(tmp_path: Path) -> None:
+    text = PROBES.replace('host = "imap.mailbox.test"\nport', 'host = "::1"\nport').replace(
+        'host = "127.0.0.1", port = 783', 'host = "spamd_1.internal", port = 783'
+    )
+    inv = load(write(tmp_path, GOOD + text), environ=PROBE_ENV)
+    assert inv.probe("transactional").imap.host == "::1"

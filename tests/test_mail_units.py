@@ -664,6 +664,7 @@ def test_read_app_env_registers_secrets_but_not_public_keys(tmp_path: Path) -> N
     env_file.write_text(
         "ENCRYPTION_KEY=enc-Key-5d8e1\nEMAIL_REDIRECT_TO=ops@portnimara.test\nEMPTY=\n"
     )
+    env_file.chmod(0o600)
     env = read_app_env(env_file=env_file, public=["EMAIL_REDIRECT_TO"])
     assert env["EMAIL_REDIRECT_TO"] == "ops@portnimara.test"
     assert redact("key enc-Key-5d8e1") == "key ***"

@@ -133,6 +133,7 @@ def world() -> Iterator[World]:
         for what in ("ACCESS", "SECRET")
     }
     (base / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    (base / "secrets.env").chmod(0o600)
     try:
         for server in servers:
             server.start()

@@ -2,10 +2,11 @@
 
 The environment is read the way the secrets bundle reads it (``opsdrill.envbundle``:
 an env file, or a command such as ``docker exec app printenv`` run without a shell, in
-its own process group, bounded, its output never shown) and parsed by the inventory's
-KEY=VALUE parser. Every value is registered as a secret so ``redact`` masks it anywhere,
-except the keys named ``public``: the check must be able to show EMAIL_REDIRECT_TO's
-value (an address), and a registered value would be masked in its own failure message.
+its own process group, bounded, its output never shown) and parsed by opsdrill's one
+.env reader (``opsdrill.envfile``: python-dotenv's semantics). Every value is registered
+as a secret so ``redact`` masks it anywhere, except the keys named ``public``: the check
+must be able to show EMAIL_REDIRECT_TO's value (an address), and a registered value would
+be masked in its own failure message.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from opsdrill.envbundle import _run
+from opsdrill.envfile import parse_env_bytes, warn_if_exposed
 from opsdrill.errors import ConfigError
-from opsdrill.inventory import parse_env_text
 from opsdrill.secrets import register
 
 DEFAULT_COMMAND_TIMEOUT = 30.0
@@ -38,6 +39,7 @@ def read_app_env(
     if env_file is not None:
         path = Path(env_file)
         where = str(path)
+        warn_if_exposed(path, "the application's env_file")
         try:
             raw = path.read_bytes()
         except OSError as exc:
@@ -48,10 +50,7 @@ def read_app_env(
         argv = list(command)
         where = f"output of {argv[0]}"
         raw = _run(argv, timeout, f"application env command {argv[0]}")
-    try:
-        values = parse_env_text(raw.decode("utf-8"), where)
-    except UnicodeDecodeError:  # its message would quote the offending byte
-        raise ConfigError(f"{where}: not UTF-8 text") from None
+    values = parse_env_bytes(raw, where)
     shown = set(public)
     for key, value in values.items():
         if key not in shown:
