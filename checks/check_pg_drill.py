@@ -10,14 +10,13 @@ from fixtures.targets import PgBackupTarget
 from opsdrill.backup import live_endpoint
 from opsdrill.errors import OperationFailed, RefusedError, TargetUnreachable
 from opsdrill.manifest import Manifest
-from opsdrill.restore import (
-    DrillReport,
+from opsdrill.restore import DrillReport, pick_backup
+from opsdrill.sandbox_guard import (
     SandboxIsProduction,
     SandboxRefused,
     SandboxUnproven,
     guard_manifests,
     guard_sandbox,
-    pick_backup,
     sandbox_endpoint,
 )
 

@@ -116,7 +116,7 @@ def run_backup(
             # Before pg_dump starts: a role that cannot read a table or a large object
             # would fail halfway, after the upload began. Catalog queries only.
             found = check_privileges(snap_conn)
-            if not found.ok:
+            if found.dump_would_fail:  # the rest (a manifest field) only the check reports
                 raise PrivilegesMissing(
                     f"backup pre-flight: databases.{name} ({endpoint.where}): role "
                     f"{found.role}: {found.summary()}; nothing was dumped or uploaded"

@@ -59,3 +59,11 @@ class RefusedError(OpsdrillError):
     """A safety guard refused to act (e.g. a drill sandbox that is the live server)."""
 
     exit_code = 2
+
+
+class LockHeld(OpsdrillError):
+    """Another run of the same operation on the same target holds its lock: this run did
+    nothing (exit 75, the code the cron wrappers already use for "skipped"). The message
+    names the holder."""
+
+    exit_code = 75

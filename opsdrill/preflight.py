@@ -72,6 +72,7 @@ class Missing:
     count: int
     examples: list[str]
     fix: str
+    stops_pg_dump: bool = True  # False: the backup works, something after it does not
 
     def describe(self) -> str:
         shown = ", ".join(self.examples[:SHOWN])
@@ -91,6 +92,10 @@ class Privileges:
     def ok(self) -> bool:
         return not self.missing
 
+    @property
+    def dump_would_fail(self) -> bool:
+        return any(m.stops_pg_dump for m in self.missing)
+
     def summary(self) -> str:
         return "; ".join(m.describe() for m in self.missing)
 
@@ -101,7 +106,13 @@ class Privileges:
             "bypassrls": self.bypassrls,
             "examined": self.examined,
             "missing": [
-                {"kind": m.kind, "count": m.count, "examples": m.examples, "fix": m.fix}
+                {
+                    "kind": m.kind,
+                    "count": m.count,
+                    "examples": m.examples,
+                    "fix": m.fix,
+                    "stops_pg_dump": m.stops_pg_dump,
+                }
                 for m in self.missing
             ],
         }
@@ -170,6 +181,7 @@ def check_privileges(conn: psycopg.Connection[Any]) -> Privileges:
                 1,
                 ["pg_control_system() (the cluster's system identifier)"],
                 f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_system() TO {me}",
+                stops_pg_dump=False,
             )
         )
     if not lo_compat:
