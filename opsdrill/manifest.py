@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from opsdrill.pg import SnapshotStats
+from opsdrill.pgstats import SnapshotStats, reuse_problem
 
 FORMAT = "opsdrill-backup-manifest/1"
 
@@ -110,6 +110,16 @@ class Comparison:
 
 
 def compare(manifest: Manifest, restored: SnapshotStats) -> Comparison:
+    """What a restore really produced, against what the manifest says the dump holds.
+
+    Tables: exact row counts (and content hashes when recorded). Materialized views: a
+    restore refreshes each view that was populated from the restored tables, so its rows
+    are what the view's query gives over the restored data, not what a possibly stale view
+    held at backup time; it must be populated again (or stay unpopulated). Sequences: the
+    restored value is the one the dump carried; it is judged against the restored data
+    (``reuse_problem``), the manifest's own reading being only another moment's. Large
+    objects: count, total bytes and content hash where recorded.
+    """
     result = Comparison()
     for name in sorted(set(manifest.tables) | set(restored.tables)):
         want = manifest.tables.get(name)
@@ -126,6 +136,8 @@ def compare(manifest: Manifest, restored: SnapshotStats) -> Comparison:
         elif got is None:
             row["status"] = "missing table"
             result.mismatches.append(f"{name}: in the manifest, missing after restore")
+        elif want.get("kind") == "materialized view" or got.get("kind") == "materialized view":
+            row["status"] = _judge_view(name, want, got, result)
         elif want["rows"] != got["rows"]:
             row["status"] = "row count differs"
             result.mismatches.append(
@@ -135,34 +147,87 @@ def compare(manifest: Manifest, restored: SnapshotStats) -> Comparison:
             row["status"] = "content differs"
             result.mismatches.append(f"{name}: same row count, different content hash")
         result.rows.append(row)
+    _compare_sequences(manifest, restored, result)
+    _compare_large_objects(manifest, restored, result)
+    return result
+
+
+def _judge_view(name: str, want: dict[str, Any], got: dict[str, Any], result: Comparison) -> str:
+    was, now = bool(want.get("populated", True)), bool(got.get("populated", True))
+    if was != now:
+        state = {True: "populated", False: "unpopulated (WITH NO DATA)"}
+        result.mismatches.append(
+            f"materialized view {name}: {state[was]} at backup, {state[now]} after restore"
+        )
+        return "populated state differs"
+    if not was:
+        result.notes.append(f"materialized view {name}: unpopulated, restored unpopulated")
+        return "unpopulated, as at backup"
+    if want["rows"] != got["rows"]:
+        result.notes.append(
+            f"materialized view {name}: refreshed by the restore from the restored tables: "
+            f"{got['rows']} rows; it held {want['rows']} at backup (stale since its last "
+            "REFRESH); not a mismatch"
+        )
+        return "refreshed (was stale at backup)"
+    result.notes.append(
+        f"materialized view {name}: refreshed by the restore, {got['rows']} rows as at backup"
+    )
+    return "refreshed"
+
+
+def _compare_sequences(manifest: Manifest, restored: SnapshotStats, result: Comparison) -> None:
     for name in sorted(set(manifest.sequences) | set(restored.sequences)):
         want_seq = manifest.sequences.get(name)
         got_seq = restored.sequences.get(name)
         if want_seq is None or got_seq is None:
             where = "the manifest" if want_seq is None else "the restored database"
             result.mismatches.append(f"sequence {name}: missing from {where}")
-        elif got_seq["last_value"] < want_seq["last_value"]:
+            continue
+        problem = reuse_problem(name, got_seq)
+        if problem:
+            result.mismatches.append(problem)
+        elif "increment" in want_seq and _behind(got_seq, want_seq):
+            # Manifests that record the increment read their sequences before pg_dump
+            # started (pgstats.read_sequences): the dump's value can only be at or past it.
+            # Behind it, the dump lost the value (a standalone sequence has no column to
+            # judge reuse by; this is its only evidence). Older manifests read later: racy.
             result.mismatches.append(
-                f"sequence {name}: manifest last_value {want_seq['last_value']}, "
-                f"restored {got_seq['last_value']} (would hand out used ids)"
+                f"sequence {name}: restored at {got_seq['last_value']}, behind the value "
+                f"{want_seq['last_value']} read before the dump started"
             )
-        elif got_seq != want_seq:
-            # Sequences are not transactional: nextval() during the dump moves them past
-            # the snapshot. Ahead is harmless (no id reuse); behind is a real mismatch.
+        elif got_seq["last_value"] != want_seq["last_value"]:
             result.notes.append(
-                f"sequence {name}: restored last_value {got_seq['last_value']} is ahead of "
-                f"manifest {want_seq['last_value']} (advanced while the dump ran)"
+                f"sequence {name}: restored {got_seq['last_value']} (the dump's reading), "
+                f"manifest {want_seq['last_value']} (read at another moment: sequences are "
+                "not transactional)"
+                + (
+                    f"; no id of {got_seq['owned_by']} would be reused"
+                    if "owned_by" in got_seq
+                    else ""
+                )
             )
-    want_lo = manifest.large_objects.get("count", 0)
-    got_lo = restored.large_objects.get("count", 0)
-    if want_lo != got_lo:
-        result.mismatches.append(f"large objects: manifest {want_lo}, restored {got_lo}")
-    elif manifest.large_objects.get("content_hash") not in (
-        None,
-        restored.large_objects.get("content_hash"),
-    ):
+
+
+def _behind(got: dict[str, Any], want: dict[str, Any]) -> bool:
+    ascending = int(got.get("increment", 1)) > 0
+    if ascending:
+        return int(got["last_value"]) < int(want["last_value"])
+    return int(got["last_value"]) > int(want["last_value"])
+
+
+def _compare_large_objects(manifest: Manifest, restored: SnapshotStats, result: Comparison) -> None:
+    want, got = manifest.large_objects, restored.large_objects
+    if want.get("count", 0) != got.get("count", 0):
+        result.mismatches.append(
+            f"large objects: manifest {want.get('count', 0)}, restored {got.get('count', 0)}"
+        )
+    elif "bytes" in want and want["bytes"] != got.get("bytes"):
+        result.mismatches.append(
+            f"large objects: manifest {want['bytes']} bytes, restored {got.get('bytes')}"
+        )
+    elif want.get("content_hash") not in (None, got.get("content_hash")):
         result.mismatches.append("large objects: same count, different content hash")
-    return result
 
 
 @dataclass
@@ -176,6 +241,11 @@ class Drift:
 def drift(manifest: Manifest, live: SnapshotStats, max_shrink_percent: float) -> Drift:
     result = Drift()
     for name in sorted(set(manifest.tables) | set(live.tables)):
+        if "materialized view" in (
+            manifest.tables.get(name, {}).get("kind"),
+            live.tables.get(name, {}).get("kind"),
+        ):
+            continue  # a view shrinks when its source does: the tables tell the story
         before = manifest.tables.get(name, {}).get("rows")
         now = live.tables.get(name, {}).get("rows")
         delta = None if before is None or now is None else now - before

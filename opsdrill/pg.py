@@ -1,4 +1,4 @@
-"""PostgreSQL access: connections without DSN passwords, and snapshot statistics.
+"""PostgreSQL access: connections without DSN passwords, and who the server is.
 
 Passwords travel as a separate connection keyword (psycopg) or as PGPASSWORD in a child's
 environment (pg_dump, pg_restore), never inside a DSN string or argv, so no error message
@@ -12,18 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from opsdrill.errors import ConfigError, CredentialsRejected, TargetUnreachable
 from opsdrill.inventory import Inventory
 
+# re-exported for the modules that import them from here (explicit for mypy)
+from opsdrill.pgstats import SnapshotStats as SnapshotStats
+from opsdrill.pgstats import collect_stats as collect_stats
+
 CONNECT_TIMEOUT = 10
-# Make row::text deterministic across sessions so content hashes compare.
-STABLE_SESSION = (
-    "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';"
-    " SET extra_float_digits = 3; SET bytea_output = 'hex'; SET statement_timeout = 0"
-)
 
 
 @dataclass(frozen=True)
@@ -187,69 +185,6 @@ def _last_fatal(text: str) -> str:
         if "FATAL:" in line:
             return line[line.index("FATAL:") :][:300]
     return lines[0][:300] if lines else ""
-
-
-@dataclass
-class SnapshotStats:
-    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
-    sequences: dict[str, dict[str, Any]] = field(default_factory=dict)
-    large_objects: dict[str, Any] = field(default_factory=dict)
-
-
-TABLES_QUERY = """
-SELECT format('%I.%I', n.nspname, c.relname), n.nspname, c.relname
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'm')
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
-ORDER BY 1
-"""
-SEQUENCES_QUERY = """
-SELECT format('%I.%I', n.nspname, c.relname), n.nspname, c.relname
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'S'
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
-ORDER BY 1
-"""
-
-
-def collect_stats(conn: psycopg.Connection[Any], content_hashes: bool) -> SnapshotStats:
-    """Exact per-table row counts (and optional content hashes) as the snapshot sees them.
-
-    hashtextextended is internal to PostgreSQL: hashes compare only within one major
-    version, which holds for a drill restoring into the same major version.
-    """
-    stats = SnapshotStats()
-    conn.execute(STABLE_SESSION)
-    for name, schema, relname in conn.execute(TABLES_QUERY).fetchall():
-        ident = sql.Identifier(schema, relname)
-        if content_hashes:
-            q = sql.SQL(
-                "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {} t"
-            ).format(ident)
-            rows, digest = conn.execute(q).fetchone() or (0, "0")
-            stats.tables[name] = {"rows": int(rows), "content_hash": str(digest)}
-        else:
-            q = sql.SQL("SELECT count(*) FROM {}").format(ident)
-            row = conn.execute(q).fetchone()
-            stats.tables[name] = {"rows": int(row[0]) if row else 0}
-    for name, schema, relname in conn.execute(SEQUENCES_QUERY).fetchall():
-        q = sql.SQL("SELECT last_value, is_called FROM {}").format(sql.Identifier(schema, relname))
-        seq = conn.execute(q).fetchone()
-        assert seq is not None
-        stats.sequences[name] = {"last_value": int(seq[0]), "is_called": bool(seq[1])}
-    lo_query = "SELECT count(*) FROM pg_largeobject_metadata"
-    if content_hashes:
-        lo_query = (
-            "SELECT count(*), coalesce(sum(hashtextextended(lo_get(oid)::text, 0)), 0)::text"
-            " FROM pg_largeobject_metadata"
-        )
-    row = conn.execute(lo_query).fetchone()
-    stats.large_objects = {"count": int(row[0]) if row else 0}
-    if content_hashes and row:
-        stats.large_objects["content_hash"] = str(row[1])
-    return stats
 
 
 def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:

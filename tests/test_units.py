@@ -45,13 +45,15 @@ def test_compare_names_each_difference() -> None:
     assert "a: manifest 3 rows, restored 2" in text
     assert "b: in the manifest, missing after restore" in text
     assert "c: restored but not in the manifest" in text
-    assert "sequence crm.s: manifest last_value 10, restored 9" in text
+    # an old-format manifest read its sequences at another moment than the dump: a
+    # difference is a note (tests/test_manifest_compare.py judges the new format)
+    assert "crm.s" not in text
     assert "large objects: manifest 1, restored 0" in text
 
 
 def test_sequence_ahead_is_a_note_not_a_mismatch() -> None:
     result = compare(manifest(a=1), stats(seq=12, a=1))
-    assert result.exact and "ahead of manifest" in result.notes[0]
+    assert result.exact and "read at another moment" in result.notes[0]
 
 
 def test_content_hash_mismatch() -> None:
