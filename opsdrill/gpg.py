@@ -9,17 +9,17 @@ operator's own keyring never changes what a backup is encrypted to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import gnupg
 
+from opsdrill import workspace
 from opsdrill.errors import ConfigError, CredentialsRejected
 from opsdrill.inventory import Inventory
 
@@ -28,15 +28,23 @@ GPG = "gpg"
 
 
 class GpgHome:
-    """A private GNUPGHOME for one run; its agent is stopped and the dir removed on exit."""
+    """A private GNUPGHOME for one run, in the run's private directory (workspace.py); its
+    agent, which caches the drill key's passphrase, is stopped and the home removed on
+    every way out, and by the next run if this one is killed."""
 
     def __init__(self) -> None:
-        # Short path: gpg-agent's socket path must stay under ~107 bytes.
-        self.path = Path(tempfile.mkdtemp(prefix="odg-", dir="/tmp"))
+        self._run = contextlib.ExitStack()
+        ws = workspace.current() or self._run.enter_context(workspace.run("gpg", share=False))
+        self._workspace = ws
+        try:
+            self.path = ws.gnupg_home()
+        except BaseException:
+            self._run.close()
+            raise
         try:
             self.gpg = gnupg.GPG(gnupghome=str(self.path))
         except OSError:
-            shutil.rmtree(self.path, ignore_errors=True)
+            self.close()
             raise ConfigError("gpg not found (fix: apt-get install gnupg)") from None
 
     def __enter__(self) -> GpgHome:
@@ -48,13 +56,10 @@ class GpgHome:
         self.close()
 
     def close(self) -> None:
-        subprocess.run(
-            ["gpgconf", "--homedir", str(self.path), "--kill", "all"],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
-        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            self._workspace.release_gnupg_home(self.path)
+        finally:
+            self._run.close()
 
     def base_argv(self) -> list[str]:
         return [GPG, "--homedir", str(self.path), "--batch", "--no-tty", "--quiet"]

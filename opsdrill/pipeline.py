@@ -16,7 +16,7 @@ import io
 import os
 import signal
 import subprocess
-import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -28,6 +28,11 @@ STAGE_WAIT_SECONDS = 120
 # Linux pipes default to 64 KiB; 1 MiB (the unprivileged maximum) lets each stage write in
 # big chunks and cuts context switches, which matters when every core is already busy.
 PIPE_BYTES = 1024 * 1024
+# What is kept of each stage's stderr: its last words are the ones that explain a failure.
+STDERR_TAIL = 8192
+# Children create private files (the restore spool, gpg's keyrings): a plaintext dump must
+# never be readable by other users, whatever umask cron or systemd started us with.
+CHILD_UMASK = 0o077
 
 
 def _widen(pipe: Any) -> None:
@@ -35,6 +40,41 @@ def _widen(pipe: Any) -> None:
     if pipe is not None and hasattr(pipe, "fileno"):
         with contextlib.suppress(OSError, ValueError):
             fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
+class _StderrTail:
+    """A stage's stderr, drained from a pipe by a thread that keeps the last STDERR_TAIL
+    bytes. Nothing touches the disk, so a full disk is reported in the tool's own words
+    instead of vanishing with its capture file; memory stays bounded whatever a tool
+    writes, and a chatty tool never blocks on a full pipe."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._drain, name=f"opsdrill-stderr-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while chunk := os.read(self._fd, 65536):
+                with self._lock:
+                    self._buf += chunk
+                    if len(self._buf) > 2 * STDERR_TAIL:
+                        del self._buf[:-STDERR_TAIL]
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
+
+    def text(self, wait: float) -> str:
+        """What was written, once the writer closed its end (or ``wait`` seconds passed:
+        a daemon the tool started may hold the pipe open)."""
+        self._thread.join(wait)
+        with self._lock:
+            return bytes(self._buf[-STDERR_TAIL:]).decode(errors="replace")
 
 
 @dataclass
@@ -58,22 +98,29 @@ class Pipeline:
     ) -> None:
         self.stages = list(stages)
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._errs: list[IO[bytes]] = []
+        self._errs: list[_StderrTail] = []
         prev: Any = stdin if stdin is not None else subprocess.DEVNULL
         try:
             for i, stage in enumerate(self.stages):
                 last = i == len(self.stages) - 1
-                err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-                self._errs.append(err)
-                proc = subprocess.Popen(
-                    stage.argv,
-                    stdin=prev,
-                    stdout=stdout if last else subprocess.PIPE,
-                    stderr=err,
-                    env=stage.env,
-                    pass_fds=stage.pass_fds,
-                    start_new_session=True,
-                )
+                err_r, err_w = os.pipe()
+                try:
+                    proc = subprocess.Popen(
+                        stage.argv,
+                        stdin=prev,
+                        stdout=stdout if last else subprocess.PIPE,
+                        stderr=err_w,
+                        env=stage.env,
+                        pass_fds=stage.pass_fds,
+                        start_new_session=True,
+                        umask=CHILD_UMASK,
+                    )
+                except BaseException:
+                    os.close(err_r)
+                    raise
+                finally:
+                    os.close(err_w)  # the child holds it: EOF when the stage is done
+                self._errs.append(_StderrTail(err_r, stage.name))
                 if i > 0 and prev is not None and hasattr(prev, "close"):
                     prev.close()  # the child holds it now; keep no copy so EOF propagates
                 if i == 0:
@@ -101,9 +148,8 @@ class Pipeline:
         return out
 
     def stderr_of(self, index: int, limit: int = 2000) -> str:
-        err = self._errs[index]
-        err.seek(0)
-        text = err.read().decode(errors="replace").strip()
+        finished = self.procs[index].poll() is not None
+        text = self._errs[index].text(wait=2.0 if finished else 0.0).strip()
         return redact(text[-limit:])
 
     def wait(self, timeout: float = STAGE_WAIT_SECONDS) -> None:
@@ -154,8 +200,6 @@ class Pipeline:
         for proc in self.procs:
             if proc.stdout:
                 proc.stdout.close()
-        for err in self._errs:
-            err.close()
 
 
 class HashingReader(io.RawIOBase):

@@ -237,3 +237,25 @@ def _refuse(
     if kind is SandboxIsProduction:
         why += f"; a drill must never write to production (fix: point {fix} at a throwaway server)"
     raise kind(f"refusing the drill sandbox {sandbox.where} ({fix}): it {why}", evidence)
+
+
+def major(version_num: Any) -> int | None:
+    """PostgreSQL's major version from server_version_num (150004 -> 15, 90624 -> 9)."""
+    if not isinstance(version_num, int) or version_num <= 0:
+        return None
+    return version_num // 10000 if version_num >= 100000 else version_num // 100
+
+
+def require_major(guard: Guard, manifest: Manifest, sandbox: Endpoint) -> None:
+    """A dump restores into its own major or a newer one, never an older: say so before
+    anything is created, not halfway through pg_restore ("unsupported version")."""
+    backup = major(manifest.server.get("version_num"))
+    mine = major(guard.sandbox.get("version_num"))
+    if backup is None or mine is None or mine >= backup:
+        return
+    raise ConfigError(
+        f"drill sandbox {sandbox.where} runs PostgreSQL {mine}, older than the backup's "
+        f"server (PostgreSQL {backup}, {manifest.server.get('version')}): a dump restores "
+        f"only into its own major or a newer one (fix: point {sandbox.settings or 'sandbox.dsn'} "
+        f"at a PostgreSQL {backup} or newer server)"
+    )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError
@@ -129,3 +134,51 @@ def test_sniff_formats() -> None:
     assert sniff(b"PGDMP\x01") == "pgdump"
     assert sniff(b"\x84\x5e\x03") == "openpgp"
     assert sniff(b"hello") == "plaintext"
+
+
+def test_pipeline_stderr_never_touches_the_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (issue 11) took the stderr capture files with it ("tee exited 1: no
+    error output"): a TMPDIR that cannot hold a file must not cost a stage its words."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/full-disk")
+    pipe = Pipeline(
+        [Stage("tee", ["sh", "-c", "echo 'tee: /x/dump: No space left on device' >&2; exit 1"])]
+    )
+    try:
+        with pytest.raises(OperationFailed, match="No space left on device"):
+            pipe.wait()
+    finally:
+        pipe.close()
+
+
+def test_pipeline_keeps_the_last_words_of_a_chatty_stage() -> None:
+    """Megabytes of stderr neither block the stage (the pipe is drained) nor fill memory
+    (the last few KB are kept): the last line is what explains the failure."""
+    from opsdrill.pipeline import STDERR_TAIL
+
+    chatty = "head -c 5000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'last words' >&2; exit 4"
+    pipe = Pipeline([Stage("chatty", ["sh", "-c", chatty])])
+    try:
+        with pytest.raises(OperationFailed) as info:
+            pipe.wait()
+        assert info.value.message.endswith("last words")
+        assert len(pipe.stderr_of(0, limit=10**9)) <= STDERR_TAIL
+    finally:
+        pipe.close()
+
+
+def test_pipeline_children_create_private_files(tmp_path: Path) -> None:
+    """The restore spool is a plaintext dump: what a stage creates is 0600 whatever the
+    umask opsdrill was started with (it was 0644)."""
+    old = os.umask(0o022)
+    try:
+        pipe = Pipeline([Stage("tee", ["tee", str(tmp_path / "spool")])], stdin=subprocess.PIPE)
+        assert pipe.procs[0].stdin is not None
+        pipe.procs[0].stdin.write(b"plaintext dump")
+        pipe.procs[0].stdin.close()
+        pipe.wait()
+        pipe.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o600

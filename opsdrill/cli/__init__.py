@@ -13,7 +13,10 @@ Exit codes (the same for every subcommand; EXIT_CODES below is the text --help s
        an unexpected internal error.
   75   cron wrappers only (scripts/backup/): a previous run still holds the lock; nothing
        was done.
-  130  interrupted.
+  130  interrupted (SIGINT, Ctrl-C); 143 for SIGTERM and 129 for SIGHUP (128 + the
+       signal). The run first removes what it started (its temporary files, its
+       gpg-agent, the drill's scratch database); what a run killed outright (SIGKILL)
+       left, the next run of the same operation removes and reports.
 The error message names what to fix (the inventory key, the environment variable). A
 mirror that could not copy some files exits 1 if any file was at fault, otherwise 2.
 
@@ -25,7 +28,9 @@ RefusedError 2; any other exception 2, printed redacted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +38,7 @@ from pathlib import Path
 import urllib3
 from minio.error import MinioException, S3Error
 
-from opsdrill import __version__, metrics
+from opsdrill import __version__, metrics, workspace
 from opsdrill.cli.files import cmd_mirror, cmd_mirror_restore, cmd_secrets
 from opsdrill.cli.pg import cmd_backup, cmd_list, cmd_prune, cmd_restore
 from opsdrill.cli.setup import cmd_inventory_check, cmd_stack
@@ -58,7 +63,10 @@ Exit codes (the same for every subcommand):
        an unexpected internal error.
   75   cron wrappers only (scripts/backup/): a previous run still holds the lock; nothing
        was done.
-  130  interrupted.
+  130  interrupted (SIGINT, Ctrl-C); 143 for SIGTERM and 129 for SIGHUP (128 + the
+       signal). The run first removes what it started (its temporary files, its
+       gpg-agent, the drill's scratch database); what a run killed outright (SIGKILL)
+       left, the next run of the same operation removes and reports.
 The error message names what to fix (the inventory key, the environment variable). A
 mirror that could not copy some files exits 1 if any file was at fault, otherwise 2."""
 EPILOG = f"""\
@@ -282,11 +290,24 @@ def _exit_codes_in_every_help(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. SIGTERM and SIGHUP clean up exactly as Ctrl-C does (every
+    ``finally`` runs: the spool, the GnuPG home and its agent, the scratch database), then
+    exit 128 + the signal: 130 SIGINT, 143 SIGTERM, 129 SIGHUP."""
     parser = build_parser()
     args = parser.parse_args(argv)
     return_large_buffers_to_os()
+    # Every file an operation creates is this user's alone (umask 077: the spool holds a
+    # plaintext dump, a GnuPG home the drill key), in one private directory for the run,
+    # which the next run of the same operation removes if this one is killed. Not for
+    # `stack`, whose servers run as other users.
+    private = args.command != "stack"
+    umask = os.umask(0o077) if private else None
     try:
-        return _run(args)
+        with (
+            workspace.signals_interrupt(),
+            workspace.run(_operation(args)[0]) if private else contextlib.nullcontext(),
+        ):
+            return _run(args)
     except OpsdrillError as exc:
         print(f"opsdrill: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
@@ -302,15 +323,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("OPSDRILL_DEBUG"):
             raise
         return 2
-    except KeyboardInterrupt:
-        print("opsdrill: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, workspace.Interrupted) else signal.SIGINT
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"opsdrill: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # last line of defence: never print a secret in a traceback
         # opsdrill's own fault, not the target's: exit 2 ("could not do its job"), not 1
         print(f"opsdrill: unexpected {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         if os.environ.get("OPSDRILL_DEBUG"):
             raise
         return 2
+    finally:
+        if umask is not None:
+            os.umask(umask)
 
 
 if __name__ == "__main__":
