@@ -1,6 +1,9 @@
 """DMARC: one record at ``_dmarc``, a policy at least the inventory's minimum, and
 aggregate reports that reach a mailbox allowed to receive them.
 
+A domain without a record of its own is covered by its organisational domain's (RFC 7489
+6.6.3, ``opsdrill.dns.dmarc``): the three checks then judge that inherited record, with
+its ``sp=`` as the domain's policy, and say so in their titles, messages and evidence.
 When there is no single record (none, or several), the policy and reports checks fail
 too, pointing at ``dns.dmarc.record``: without a record receivers apply no policy and
 send no reports.
@@ -14,6 +17,7 @@ import pytest
 from fixtures.checks import Check
 from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, fail_with, select
 from opsdrill.dns import DmarcReport
+from opsdrill.dns.dmarc import POLICIES
 
 RUNBOOK = f"{RUNBOOK_MAIL}#dmarc"
 # No record (or several, which receivers treat as none): the domain can be spoofed and
@@ -32,6 +36,16 @@ REPORT_CODES = ("dmarc.rua_missing", "dmarc.rua_invalid", "dmarc.rua_unauthorise
 pytestmark = pytest.mark.dns
 
 
+def _source(report: DmarcReport) -> str:
+    """Where the record a title speaks of comes from, when it is not the domain's own."""
+    if report.inherited_from is None:
+        return ""
+    return (
+        f" (inherited from {report.name}: {report.domain} has no record of its own, so "
+        "the organisational domain's sp= applies)"
+    )
+
+
 def _needs_record(check: Check, target: DnsTarget, report: DmarcReport, expected: str) -> None:
     if report.record is not None:
         return
@@ -48,6 +62,10 @@ def _needs_record(check: Check, target: DnsTarget, report: DmarcReport, expected
 def check_dmarc_record_is_single_and_valid(dns_target: DnsTarget) -> None:
     allure.dynamic.title(f"{dns_target.domain} publishes exactly one valid DMARC record")
     report = dns_target.dmarc()
+    if report.inherited_from is not None:
+        allure.dynamic.title(
+            f"{dns_target.domain} is covered by exactly one valid DMARC record{_source(report)}"
+        )
     attach_report("dmarc", report)
     fail_with(RECORD, dns_target.id, select(report, RECORD_CODES))
 
@@ -64,6 +82,12 @@ def check_dmarc_policy_is_at_least_the_minimum(dns_target: DnsTarget) -> None:
     )
     allure.dynamic.title(f"{dns_target.domain}'s DMARC record sets {expected}")
     report = dns_target.dmarc()
+    if report.inherited_from is not None:
+        minimum = max(want.min_policy, want.subdomain_minimum, key=POLICIES.index)
+        allure.dynamic.title(
+            f"{dns_target.domain}'s DMARC record sets sp={minimum} or stronger, no pct= or "
+            f"pct=100{alignment}{_source(report)}"
+        )
     attach_report("dmarc", report)
     _needs_record(POLICY, dns_target, report, expected)
     fail_with(POLICY, dns_target.id, select(report, POLICY_CODES))
@@ -77,6 +101,11 @@ def check_dmarc_reports_reach_authorised_mailboxes(dns_target: DnsTarget) -> Non
         "that accept them"
     )
     report = dns_target.dmarc()
+    if report.inherited_from is not None:
+        allure.dynamic.title(
+            f"{dns_target.domain}'s DMARC aggregate reports (rua) go to valid mailto: "
+            f"addresses that accept them{_source(report)}"
+        )
     attach_report("dmarc", report)
     expected = "rua= with valid mailto: URIs" if want.require_rua else "valid rua= URIs if any"
     _needs_record(REPORTS, dns_target, report, expected)

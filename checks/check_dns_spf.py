@@ -1,10 +1,12 @@
 """SPF: each sending domain publishes one valid record that authorises exactly its
 providers, fails everyone else, and stays within the RFC 7208 limits.
 
-One analysis per domain (``DnsTarget.spf``) feeds five checks, each reporting its own
-findings. When there is no single record to evaluate (none, or several), the checks that
-read the record fail too, pointing at ``dns.spf.record``: a domain without a usable
-record has no policy and authorises nobody.
+One analysis per domain (``DnsTarget.spf``) feeds six checks, each reporting its own
+findings; a check's severity is the harm of its findings (a permerror for every message
+is a blocker, a deprecated term that still evaluates is minor). When there is no single
+record to evaluate (none, or several), the checks that read the record fail too, pointing
+at ``dns.spf.record``: a domain without a usable record has no policy and authorises
+nobody.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ RUNBOOK = f"{RUNBOOK_MAIL}#spf"
 # A broken record is a permerror (or "none") for every message the domain sends: SPF fails
 # at every receiver at once and DMARC rests on DKIM alone. Hence blocker.
 RECORD = Check("dns.spf.record", "blocker", RUNBOOK, "dns", "spf")
-# +all/?all/~all: anyone may send as the domain (or be treated leniently). Critical.
+# +all/?all/~all, or an include/redirect that passes any address: anyone may send as the
+# domain (or be treated leniently). Critical.
 POLICY = Check("dns.spf.policy", "critical", RUNBOOK, "dns", "spf")
 # A provider missing from SPF: that provider's mail fails SPF now. Critical.
 PROVIDERS = Check("dns.spf.providers", "critical", RUNBOOK, "dns", "spf")
@@ -30,23 +33,25 @@ PROVIDERS = Check("dns.spf.providers", "critical", RUNBOOK, "dns", "spf")
 LOOKUPS = Check("dns.spf.lookups", "blocker", RUNBOOK, "dns", "spf")
 # A known sending IP that does not pass: its mail fails SPF now. Critical.
 SENDERS = Check("dns.spf.senders", "critical", RUNBOOK, "dns", "spf")
+# ptr, or a redirect= next to an 'all': the record still evaluates (no permerror), so mail
+# flows; a deprecated or a dead term is cleaned up at leisure. Minor.
+HYGIENE = Check("dns.spf.hygiene", "minor", RUNBOOK, "dns", "spf")
 
 RECORD_CODES = (
     "spf.missing",
     "spf.multiple_records",
     "spf.syntax",
     "spf.string_too_long",
-    "spf.ptr",
     "spf.all_not_last",
-    "spf.redirect_ignored",
     "spf.include_missing",
     "spf.redirect_missing",
     "spf.include_loop",
 )
-POLICY_CODES = ("spf.softfail", "spf.all_qualifier")
+POLICY_CODES = ("spf.softfail", "spf.all_qualifier", "spf.permissive")
 PROVIDER_CODES = ("spf.missing_mechanism",)
 LIMIT_CODES = ("spf.too_many_lookups", "spf.too_many_void_lookups", "spf.too_many_mx")
 SENDER_CODES = ("spf.check_host",)
+HYGIENE_CODES = ("spf.ptr", "spf.redirect_ignored")
 
 pytestmark = pytest.mark.dns
 
@@ -146,3 +151,20 @@ def check_spf_passes_every_known_sending_ip(dns_target: DnsTarget) -> None:
             f"{result.explanation}"
         )
     fail_with(SENDERS, dns_target.id, select(report, SENDER_CODES))
+
+
+@HYGIENE
+def check_spf_uses_no_deprecated_or_ignored_terms(dns_target: DnsTarget) -> None:
+    allure.dynamic.title(
+        f"{dns_target.domain}'s SPF record uses no deprecated 'ptr' and no redirect= that an "
+        "'all' makes dead"
+    )
+    report = dns_target.spf()
+    attach_report("spf", report)
+    _needs_record(HYGIENE, dns_target, report, "no 'ptr' and no redirect= next to an 'all'")
+    fail_with(
+        HYGIENE,
+        dns_target.id,
+        select(report, HYGIENE_CODES),
+        note="minor: mail still evaluates; clean up at the next change of the record",
+    )

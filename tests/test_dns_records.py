@@ -245,7 +245,9 @@ def test_spf_eleven_lookups_through_nested_includes(keys: dict[str, str]) -> Non
     zone["example.com"].append({"A": "192.0.2.1"})
     zone["example.com"].append({"MX": [10, "mx1.example.com"]})
     report = analyse_spf(FakeResolver(zone), "example.com")
-    assert codes(report) == ["spf.too_many_lookups"]
+    # exists: on a name that always resolves matches every client: l3.test passes anyone
+    assert codes(report) == ["spf.too_many_lookups", "spf.permissive"]
+    assert "DNS l3.test TXT spf" in message(report, "spf.permissive")
     assert report.lookups == 11
     text = message(report, "spf.too_many_lookups")
     assert text.startswith("DNS example.com TXT spf: expected at most 10 DNS-querying terms")
@@ -390,9 +392,15 @@ def test_dmarc_missing(keys: dict[str, str]) -> None:
         "DNS _dmarc.example.com TXT dmarc: expected one record starting with 'v=DMARC1',"
         " found no v=DMARC1 record; ignored: 'v=dmarc1; p=reject'"
     )
-    sub = analyse_dmarc(FakeResolver(good_zone(keys)), "mail.example.com")
-    assert codes(sub) == ["dmarc.missing"]
-    assert "the organisational domain example.com has one" in sub.summary()
+    # neither the subdomain nor its organisational domain publishes one
+    orphan = analyse_dmarc(resolver, "mail.example.com")
+    assert codes(orphan) == ["dmarc.missing"]
+    assert message(orphan, "dmarc.missing") == (
+        "DNS _dmarc.mail.example.com TXT dmarc: expected one record starting with 'v=DMARC1',"
+        " found NXDOMAIN; the organisational domain example.com publishes none either"
+        " (_dmarc.example.com: no v=DMARC1 record; ignored: 'v=dmarc1; p=reject')"
+    )
+    assert orphan.inherited_from is None
 
 
 def test_dmarc_two_records(keys: dict[str, str]) -> None:
@@ -682,3 +690,268 @@ def test_spf_sending_ips_must_pass(keys: dict[str, str]) -> None:
     assert report.evidence()["senders"]["203.0.113.1"]["result"] == "fail"
     with pytest.raises(ConfigError, match="not an IP address"):
         analyse_spf(resolver, "example.com", sending_ips=["mail.example.com"])
+
+
+# --- organisational domains (Public Suffix List), inherited DMARC -----------------------
+
+# Zones shaped as real registrations under two-label public suffixes: each organisation
+# publishes DMARC at its registrable domain only; the registry's own name (co.uk) must
+# never count as anyone's organisation, whatever it publishes.
+PSL_ZONE: dict[str, list[Any]] = {
+    "_dmarc.example.co.uk": [
+        {"TXT": "v=DMARC1; p=reject; sp=none; rua=mailto:dmarc@example.co.uk"}
+    ],
+    "_dmarc.co.uk": [{"TXT": "v=DMARC1; p=reject; sp=reject; rua=mailto:d@co.uk"}],
+    "_dmarc.example.com.au": [
+        {"TXT": "v=DMARC1; p=quarantine; sp=reject; rua=mailto:d@reports.test; adkim=r"}
+    ],
+    "example.com.au._report._dmarc.reports.test": [{"TXT": "v=DMARC1"}],
+    "_dmarc.example.com": [{"TXT": "v=DMARC1; p=reject; sp=reject; rua=mailto:d@example.com"}],
+    "_dmarc.strict.example": [{"TXT": "v=DMARC1; p=reject; rua=mailto:d@strict.example"}],
+    "_dmarc.two.example": [
+        {"TXT": "v=DMARC1; p=reject; rua=mailto:d@two.example"},
+        {"TXT": "v=DMARC1; p=none; rua=mailto:d@two.example"},
+    ],
+    "_dmarc.news.strict.example": [{"TXT": "spf-verification=x"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("signing", "author", "relaxed"),
+    [
+        ("other.co.uk", "example.co.uk", False),  # two owners under one public suffix
+        ("mail.example.co.uk", "example.co.uk", True),
+        ("example.co.uk", "news.example.co.uk", True),
+        ("other.com.au", "shop.example.com.au", False),
+        ("mail.example.com.au", "shop.example.com.au", True),
+        ("a.b.example.com", "example.com", True),
+        ("mail.example.com", "example.net", False),
+        ("MAIL.Example.CO.UK.", "example.co.uk", True),
+        ("evil.github.io", "victim.github.io", False),  # the list's private section too
+    ],
+)
+def test_relaxed_alignment_uses_the_public_suffix_list(
+    signing: str, author: str, relaxed: bool
+) -> None:
+    from opsdrill.mail.dkim_verify import aligned
+
+    assert aligned(signing, author) is relaxed
+    assert aligned(signing, author, strict=True) is False
+
+
+def test_subdomain_inherits_a_weak_sp_from_its_organisational_domain_under_co_uk() -> None:
+    report = analyse_dmarc(FakeResolver(PSL_ZONE), "news.example.co.uk")
+    assert report.inherited_from == "example.co.uk"
+    assert report.name == "_dmarc.example.co.uk"
+    assert report.record == "v=DMARC1; p=reject; sp=none; rua=mailto:dmarc@example.co.uk"
+    assert (report.policy, report.subdomain_policy, report.applied_policy) == (
+        "reject",
+        "none",
+        "none",
+    )
+    # the policy of the domain's mail is sp=none: judged as a weak p=none is
+    assert codes(report) == ["dmarc.policy"]
+    assert message(report, "dmarc.policy") == (
+        "DNS _dmarc.example.co.uk TXT dmarc inherited by news.example.co.uk (no record of"
+        " its own at _dmarc.news.example.co.uk: NXDOMAIN): expected sp=reject or stronger"
+        " (the organisational domain's sp= is the policy of news.example.co.uk and its"
+        " subdomains), found sp=none"
+    )
+    evidence = json.loads(json.dumps(report.evidence()))
+    assert evidence["inherited_from"] == "example.co.uk"
+    assert evidence["policy_record"] == "_dmarc.example.co.uk"
+    assert evidence["applied_policy"] == "none"
+    # the last-two-labels rule would have asked _dmarc.co.uk: never queried
+    assert {a.qname for a in report.answers} == {
+        "_dmarc.news.example.co.uk",
+        "_dmarc.example.co.uk",
+    }
+    # a minimum of none accepts it
+    relaxed = analyse_dmarc(FakeResolver(PSL_ZONE), "news.example.co.uk", min_policy="none")
+    assert relaxed.findings == []
+
+
+def test_subdomain_inheriting_sp_reject_passes_and_says_so_under_com_au() -> None:
+    report = analyse_dmarc(FakeResolver(PSL_ZONE), "mail.shop.example.com.au", adkim="r")
+    assert report.findings == [], report.summary()
+    assert report.inherited_from == "example.com.au"
+    assert (report.policy, report.applied_policy) == ("quarantine", "reject")
+    # external reports: the authorisation is asked for the domain the policy came from
+    assert report.rua_authorised == {"mailto:d@reports.test": True}
+    assert "example.com.au._report._dmarc.reports.test" in {a.qname for a in report.answers}
+    # p= is the organisational domain's own policy, not ours: quarantine is not judged
+    assert "dmarc.policy" not in codes(
+        analyse_dmarc(FakeResolver(PSL_ZONE), "example.com.au", min_policy="quarantine")
+    )
+
+
+def test_inherited_policy_without_sp_is_p_and_is_judged_against_both_minimums() -> None:
+    deep = analyse_dmarc(FakeResolver(PSL_ZONE), "a.b.example.com")
+    assert deep.inherited_from == "example.com" and deep.findings == []
+    report = analyse_dmarc(
+        FakeResolver(PSL_ZONE), "news.strict.example", min_policy="reject"
+    )  # the own TXT record there is not DMARC: ignored, the parent's applies
+    assert report.inherited_from == "strict.example" and report.applied_policy == "reject"
+    assert report.findings == [], report.summary()
+    weak = {
+        **PSL_ZONE,
+        "_dmarc.strict.example": [{"TXT": "v=DMARC1; p=quarantine; rua=mailto:d@strict.example"}],
+    }
+    judged = analyse_dmarc(
+        FakeResolver(weak),
+        "news.strict.example",
+        min_policy="quarantine",
+        min_subdomain_policy="reject",
+    )
+    assert codes(judged) == ["dmarc.policy"]
+    assert "found no sp= (so p=quarantine applies)" in judged.summary()
+    assert (
+        "(no record of its own at _dmarc.news.strict.example: no v=DMARC1 record;"
+        " ignored: 'spf-verification=x')" in judged.summary()
+    )
+
+
+def test_own_record_wins_and_several_inherited_records_apply_none() -> None:
+    own = {
+        **PSL_ZONE,
+        "_dmarc.news.example.co.uk": [{"TXT": "v=DMARC1; p=reject; rua=mailto:d@example.co.uk"}],
+    }
+    report = analyse_dmarc(FakeResolver(own), "news.example.co.uk")
+    assert report.inherited_from is None and report.findings == []
+    assert report.name == "_dmarc.news.example.co.uk"
+    two = analyse_dmarc(FakeResolver(PSL_ZONE), "mail.two.example")
+    assert codes(two) == ["dmarc.multiple_records"]
+    assert message(two, "dmarc.multiple_records").startswith(
+        "DNS _dmarc.two.example TXT dmarc inherited by mail.two.example (no record of its own"
+        " at _dmarc.mail.two.example: NXDOMAIN): expected exactly one v=DMARC1 record"
+    )
+    assert two.record is None
+
+
+def test_rua_at_another_owner_under_the_same_public_suffix_needs_authorisation() -> None:
+    zone = {
+        "_dmarc.example.co.uk": [{"TXT": "v=DMARC1; p=reject; rua=mailto:d@reports.other.co.uk"}],
+    }
+    report = analyse_dmarc(FakeResolver(zone), "example.co.uk")
+    assert codes(report) == ["dmarc.rua_unauthorised"]
+    assert message(report, "dmarc.rua_unauthorised").startswith(
+        "DNS example.co.uk._report._dmarc.reports.other.co.uk TXT dmarc"
+    )
+
+
+# --- SPF: a record that passes everyone, reached through include/redirect ----------------
+
+
+@pytest.mark.parametrize(
+    "included",
+    [
+        "v=spf1 ip4:198.51.100.0/24 +all",
+        "v=spf1 ip4:198.51.100.0/24 all",
+        "v=spf1 ip4:0.0.0.0/0 -all",
+        "v=spf1 ip6:::/0 -all",
+        "v=spf1 redirect=open.provider.test",  # a redirect inside the include
+    ],
+)
+def test_include_passing_arbitrary_addresses_lets_the_whole_internet_send(
+    included: str,
+) -> None:
+    zone = {
+        "example.com": [{"TXT": "v=spf1 include:_spf.provider.test -all"}],
+        "_spf.provider.test": [{"TXT": included}],
+        "open.provider.test": [{"TXT": "v=spf1 +all"}],
+    }
+    report = analyse_spf(FakeResolver(zone), "example.com")
+    assert codes(report) == ["spf.permissive"], report.summary()
+    text = message(report, "spf.permissive")
+    culprit = "open.provider.test" if "redirect" in included else "_spf.provider.test"
+    assert text.startswith(f"DNS {culprit} TXT spf: expected ")
+    assert "the whole internet may send as example.com" in text
+    assert "include:_spf.provider.test" in text
+    assert report.final_all == "-all"
+    assert report.evidence()["permissive"]
+
+
+def test_redirected_record_passing_everyone_is_flagged_once() -> None:
+    zone = {
+        "example.com": [{"TXT": "v=spf1 redirect=_spf.provider.test"}],
+        "_spf.provider.test": [{"TXT": "v=spf1 ip4:198.51.100.0/24 ip4:0.0.0.0/0 -all"}],
+    }
+    report = analyse_spf(FakeResolver(zone), "example.com")
+    assert codes(report) == ["spf.permissive"], report.summary()
+    assert "through 'redirect=_spf.provider.test'" in report.summary()
+    # a +all reached by redirect is already the final 'all': one finding, not two
+    plus = {**zone, "_spf.provider.test": [{"TXT": "v=spf1 +all"}]}
+    assert codes(analyse_spf(FakeResolver(plus), "example.com")) == ["spf.all_qualifier"]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=spf1 include:_spf.provider.test -all",  # ?all in an include: neutral, no match
+        "v=spf1 -include:open.provider.test -all",  # +all behind -include: fails everyone
+        "v=spf1 ~include:open.provider.test -all",
+        "v=spf1 ?include:open.provider.test -all",
+    ],
+)
+def test_include_that_does_not_pass_everyone_is_not_flagged(record: str) -> None:
+    zone = {
+        "example.com": [{"TXT": record}],
+        "_spf.provider.test": [{"TXT": "v=spf1 ip4:198.51.100.0/24 ?all"}],
+        "open.provider.test": [{"TXT": "v=spf1 +all"}],
+    }
+    report = analyse_spf(FakeResolver(zone), "example.com")
+    assert "spf.permissive" not in codes(report), report.summary()
+    assert spf_check_host(FakeResolver(zone), "203.0.113.254", "example.com", "").result != "pass"
+
+
+def test_own_terms_passing_everyone_are_flagged_at_the_top() -> None:
+    zone = {"example.com": [{"TXT": "v=spf1 ip4:192.0.2.0/24 ip4:0.0.0.0/0 -all"}]}
+    report = analyse_spf(FakeResolver(zone), "example.com")
+    assert codes(report) == ["spf.permissive"]
+    assert message(report, "spf.permissive").startswith("DNS example.com TXT spf: expected")
+    assert "the whole internet may send as example.com" in report.summary()
+
+
+def test_good_zone_lists_the_documentation_ranges_and_is_not_permissive(
+    keys: dict[str, str],
+) -> None:
+    # good_zone authorises 192.0.2.0/24, 198.51.100.0/24 and 2001:db8::/32: the probes
+    # are chosen outside every range a record could list for a real reason
+    report = analyse_spf(FakeResolver(good_zone(keys)), "example.com")
+    assert report.findings == []
+    assert {p: r["result"] for p, r in report.evidence()["probes"].items()} == {
+        "203.0.113.254": "fail",
+        "3fff:fff:ffff::254": "fail",
+    }
+
+
+# --- SPF: problems that do not break evaluation --------------------------------------------
+
+
+def test_ptr_and_ignored_redirect_are_lesser_findings_outside_the_blocker_check(
+    keys: dict[str, str],
+) -> None:
+    from checks import check_dns_spf
+
+    resolver = with_records(
+        keys,
+        {
+            "example.com": [
+                {"TXT": "v=spf1 include:_spf.provider.test ptr -all redirect=_s2.provider.test"}
+            ]
+        },
+    )
+    report = analyse_spf(resolver, "example.com", sending_ips=["198.51.100.9"])
+    assert codes(report) == ["spf.ptr", "spf.redirect_ignored"]
+    assert report.senders["198.51.100.9"].result == "pass"  # the record still evaluates
+    ptr = message(report, "spf.ptr")
+    assert "deprecated" in ptr and "not a permerror" in ptr
+    assert "some receivers skip it" in ptr
+    redirect = message(report, "spf.redirect_ignored")
+    assert "is ignored (RFC 7208 6.1)" in redirect and "not a permerror" in redirect
+    for code in ("spf.ptr", "spf.redirect_ignored"):
+        assert code not in check_dns_spf.RECORD_CODES
+        assert code in check_dns_spf.HYGIENE_CODES
+    assert check_dns_spf.RECORD.severity == "blocker"
+    assert check_dns_spf.HYGIENE.severity == "minor"
+    assert "spf.permissive" in check_dns_spf.POLICY_CODES

@@ -5,7 +5,12 @@
 below). It is a static, worst-case analysis: it counts the DNS-querying terms and void
 lookups an evaluation would spend for a client that matches nothing, which is the case
 that hits the limits in production. ``check_host`` (pyspf, in ``spf_eval``) answers the
-other question: what a receiver decides for one IP.
+other question: what a receiver decides for one IP. ``spf_probe`` asks it for addresses no
+one lists, to catch a record (the domain's own, or one it includes or redirects to) that
+lets the whole internet send as the domain (``spf.permissive``).
+
+``spf.ptr`` and ``spf.redirect_ignored`` are lesser findings: the record still evaluates
+(neither is a permerror), but it carries a deprecated or a dead term.
 
 Required mechanisms (``include:_spf.google.com``, ``ip4:192.0.2.0/24``...) are satisfied
 by a pass-qualified mechanism anywhere in the tree reached through pass-qualified
@@ -14,7 +19,7 @@ still authorises mail. ``ip4``/``ip6`` requirements are satisfied by any listed 
 that contains them. ``SpfReport.required_found`` says where each one was found.
 
 Codes: spf.missing, spf.multiple_records, spf.syntax, spf.string_too_long, spf.ptr,
-spf.softfail, spf.all_qualifier, spf.all_not_last, spf.redirect_ignored,
+spf.softfail, spf.all_qualifier, spf.permissive, spf.all_not_last, spf.redirect_ignored,
 spf.missing_mechanism, spf.include_missing, spf.redirect_missing, spf.include_loop,
 spf.too_many_lookups, spf.too_many_void_lookups, spf.too_many_mx, spf.check_host.
 """
@@ -29,6 +34,7 @@ from typing import Any
 from opsdrill.dns.findings import DnsReport, quote, quote_all
 from opsdrill.dns.resolver import Lookups, Resolver, normalise_name
 from opsdrill.dns.spf_eval import SpfResult, check_host
+from opsdrill.dns.spf_probe import Permissive, on_redirect_chain, probe_tree
 from opsdrill.dns.spf_syntax import Term, parse_record
 from opsdrill.dns.spf_tree import SpfNode, Walker, spf_records
 from opsdrill.errors import ConfigError
@@ -46,6 +52,9 @@ class SpfReport(DnsReport):
     final_all: str | None = None
     required_found: dict[str, str] = field(default_factory=dict)
     senders: dict[str, SpfResult] = field(default_factory=dict)
+    # check_host() for the spf_probe addresses, and the records that let them pass.
+    probes: dict[str, SpfResult] = field(default_factory=dict)
+    permissive: list[Permissive] = field(default_factory=list)
 
     def tree_text(self) -> str:
         return "\n".join(self.tree.text()) if self.tree else "(no SPF record)"
@@ -59,6 +68,8 @@ class SpfReport(DnsReport):
             "final_all": self.final_all,
             "required_found": self.required_found,
             "senders": {ip: r.evidence() for ip, r in self.senders.items()},
+            "probes": {ip: r.evidence() for ip, r in self.probes.items()},
+            "permissive": [p.evidence() for p in self.permissive],
             "tree": self.tree_text(),
             "tree_nodes": self.tree.to_dict() if self.tree else None,
         }
@@ -115,6 +126,28 @@ def _check_all(walker: Walker, tree: SpfNode, allow_softfail: bool) -> str | Non
             f"{quote_all([t.text for t in after])} after it (never evaluated)",
         )
     return text
+
+
+def _check_permissive(walker: Walker, dns: Lookups, report: SpfReport, tree: SpfNode) -> None:
+    """Records reached through pass-qualified includes or redirects (or the domain's own)
+    that pass an address no one lists; see ``spf_probe`` for why this is sound."""
+    report.probes, found = probe_tree(dns, tree)
+    final_pass = report.final_all is not None and report.final_all[0] not in "-~?"
+    for hit in found:
+        if final_pass and on_redirect_chain(hit.path):
+            continue  # the final '+all' itself: spf.all_qualifier says so already
+        report.permissive.append(hit)
+        through = ""
+        if hit.path:
+            chain = " > ".join(quote(via) for via in hit.path)
+            through = f", reached from {tree.domain} through {chain}"
+        walker.add(
+            "spf.permissive",
+            hit.node.domain,
+            f"a record that passes only the senders it lists{through}",
+            f"{quote(hit.node.record or '')}, which passes check_host({hit.probe}), a "
+            f"documentation address no one lists: the whole internet may send as {tree.domain}",
+        )
 
 
 def _parse_required(required: str) -> Term:
@@ -271,6 +304,7 @@ def analyse_spf(
         report.final_all = _check_all(walker, tree, allow_softfail)
         _check_required(walker, tree, required, report.required_found)
         _check_limits(walker, tree, max_lookups, max_void_lookups)
+        _check_permissive(walker, dns, report, tree)
     _check_senders(walker, resolver, domain, sending_ips, report.senders)
     report.findings = walker.findings
     report.answers = dns.answers

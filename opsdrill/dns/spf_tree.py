@@ -155,8 +155,10 @@ class Walker:
                 self.add(
                     "spf.ptr",
                     domain,
-                    "no 'ptr' mechanism (RFC 7208 5.5: do not use)",
-                    quote(term.text),
+                    "no 'ptr' mechanism (deprecated: RFC 7208 5.5 says do not use it)",
+                    f"{quote(term.text)}: slow (reverse and forward lookups for every message),"
+                    " and some receivers skip it, so senders only it authorises can fail SPF"
+                    " there; not a permerror: the record still evaluates",
                 )
             elif term.name == "include":
                 self.descend(node, term, path, authorising and term.qualifier == "+")
@@ -168,7 +170,9 @@ class Walker:
                 "spf.redirect_ignored",
                 domain,
                 "either an 'all' mechanism or redirect=",
-                f"both: {quote(redirect.text)} is ignored when 'all' is present",
+                f"both: {quote(redirect.text)} is ignored (RFC 7208 6.1): a record with 'all'"
+                " never follows its redirect=, so nothing its target lists is authorised;"
+                " not a permerror: the record evaluates without it",
             )
         elif redirect is not None:
             node.lookups += 1

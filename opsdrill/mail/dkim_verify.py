@@ -7,8 +7,9 @@ a signature failure. Every ``DKIM-Signature`` is verified and reported on its ow
 message commonly carries the provider's signature and ours.
 
 Alignment (DMARC, RFC 7489 3.1.1): relaxed means ``d=`` and the From domain share an
-organisational domain, by the same last-two-labels rule as ``opsdrill.dns.dmarc`` (see
-its docstring for where that rule is approximate); strict means they are equal.
+organisational domain, found with the Public Suffix List (``opsdrill.orgdomain``, the rule
+DMARC policy discovery uses too: ``d=other.co.uk`` does not align with ``example.co.uk``);
+strict means they are equal. ``aligned`` serves SPF alignment (the envelope domain) alike.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 
 import dkim
 
-from opsdrill.dns.dmarc import organisational_domain
 from opsdrill.dns.resolver import Resolver, normalise_name
 from opsdrill.mail.message import from_domain, parse_headers
+from opsdrill.orgdomain import same_organisation
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,12 @@ class DkimReport:
 
 
 def aligned(signing_domain: str, author_domain: str, *, strict: bool = False) -> bool:
+    """DMARC identifier alignment of ``signing_domain`` (DKIM ``d=``, or the SPF envelope
+    domain) with the From domain."""
     d, f = normalise_name(signing_domain), normalise_name(author_domain)
     if strict:
         return d == f
-    return organisational_domain(d) == organisational_domain(f)
+    return same_organisation(d, f)
 
 
 class _Errors(logging.Handler):
