@@ -7,6 +7,8 @@ INVENTORY ?=
 ALLURE_RESULTS ?= reports/allure-results
 PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
+# node_modules (package-lock.json): Allure 3 for `make report`, BullMQ for the queue tests.
+NPM_STAMP := node_modules/.opsdrill-installed
 
 .PHONY: setup system verify test lint bench clean
 
@@ -27,7 +29,9 @@ verify:
 	@INVENTORY=$(INVENTORY) ALLURE_RESULTS=$(ALLURE_RESULTS) PYTEST_WORKERS=$(PYTEST_WORKERS) \
 		PYTHON=$(PYTHON) scripts/verify
 
-test: setup lint
+# The queue tests drive a real BullMQ queue with the package from npm: node_modules first
+# (npm ci once per package-lock.json change, offline afterwards).
+test: setup lint $(NPM_STAMP)
 	$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS)
 
 lint: setup
@@ -51,7 +55,6 @@ ALLURE_REPORT ?= reports/allure-report
 ALLURE_REPORT_SINGLE ?= reports/allure-report-single
 ALLURE_HISTORY ?= reports/history.jsonl
 REPORT_PORT ?= 8000
-NPM_STAMP := node_modules/.opsdrill-installed
 REPORT_ENV = ALLURE_RESULTS=$(ALLURE_RESULTS) ALLURE_REPORT=$(ALLURE_REPORT) \
 	ALLURE_REPORT_SINGLE=$(ALLURE_REPORT_SINGLE) ALLURE_HISTORY=$(ALLURE_HISTORY) \
 	REPORT_PORT=$(REPORT_PORT) PYTHON=$(PYTHON)

@@ -38,6 +38,7 @@ def check_app_message_arrives(
     app_probe_target: ProbeTarget, request: pytest.FixtureRequest
 ) -> None:
     target = app_probe_target
+    target.warn_insecure_tls()
     spec = target.spec
     expect = target.expect
     allure.dynamic.title(
@@ -88,6 +89,7 @@ def check_app_link_present_and_answers(
     app_probe_target: ProbeTarget, request: pytest.FixtureRequest
 ) -> None:
     target = app_probe_target
+    target.warn_insecure_tls()
     expect = target.expect
     pattern = expect.link_pattern
     answers = " that answers 2xx" if expect.fetch_link else ""

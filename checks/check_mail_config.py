@@ -80,25 +80,25 @@ def check_redirect_unset(app_env_target: AppEnvTarget) -> None:
 @BACKLOG
 def check_queue_backlog_below_thresholds(queue_target: QueueTarget) -> None:
     target = queue_target
+    target.warn_insecure_tls()
     cfg = target.cfg
+    limits = target.thresholds()
     allure.dynamic.title(
-        f"queue {target.name}: {cfg.prefix}:{cfg.queue} has at most {cfg.max_waiting} waiting "
-        f"jobs, the oldest younger than {cfg.max_oldest_age_seconds:g} s"
+        f"queue {target.name}: {cfg.prefix}:{cfg.queue} has every job state within its "
+        f"limit (no delayed job overdue by more than {cfg.overdue_grace_seconds:g} s, at "
+        f"most {cfg.max_waiting} waiting), the oldest waiting job younger than "
+        f"{cfg.max_oldest_age_seconds:g} s"
     )
     backlog = target.backlog()
-    measured("waiting", backlog.total_waiting)
+    for state, count in backlog.counts().items():
+        measured(state, count)
     age = backlog.oldest_age_seconds
     measured("oldest_age_s", None if age is None else round(age, 1))
     attach_json(
         "backlog",
-        {
-            "where": target.where,
-            **backlog.evidence(),
-            "max_waiting": cfg.max_waiting,
-            "max_oldest_age_seconds": cfg.max_oldest_age_seconds,
-        },
+        {"where": target.where, **backlog.evidence(), "thresholds": limits.evidence()},
     )
-    problems = over_thresholds(backlog, cfg.max_waiting, cfg.max_oldest_age_seconds)
+    problems = over_thresholds(backlog, limits)
     if problems:
         paused = " (the queue is paused)" if backlog.queue_paused else ""
         BACKLOG.fail(target.id, f"{target.where}: " + "; ".join(problems) + paused)

@@ -52,6 +52,7 @@ def check_probe_reaches_the_inbox(
     direct_probe_target: ProbeTarget, request: pytest.FixtureRequest
 ) -> None:
     target = direct_probe_target
+    target.warn_insecure_tls()
     spec = target.spec
     allure.dynamic.title(
         f"probe {target.name}: message from {spec.from_address} reaches "
@@ -94,6 +95,7 @@ def check_probe_latency_within_threshold(
     probe_target: ProbeTarget, request: pytest.FixtureRequest
 ) -> None:
     target = probe_target
+    target.warn_insecure_tls()
     limit = target.spec.max_latency_seconds
     allure.dynamic.title(
         f"probe {target.name}: message is visible over IMAP at most {limit:g} s after "
@@ -142,6 +144,7 @@ def check_probe_dkim_signature_aligned(
     probe_target: ProbeTarget, request: pytest.FixtureRequest
 ) -> None:
     target = probe_target
+    target.warn_insecure_tls()
     sender = target.sender or "the message's From"
     allure.dynamic.title(
         f"probe {target.name}: received message carries a valid DKIM signature whose d= "
@@ -198,10 +201,14 @@ def check_probe_authentication_results_pass(
     probe_target: ProbeTarget, request: pytest.FixtureRequest
 ) -> None:
     target = probe_target
+    target.warn_insecure_tls()
     spec = target.spec
     trusted = spec.trusted_authserv_ids
+    sources = [*trusted]
+    if spec.trust_topmost_without_id:
+        sources.append("the topmost header without an authserv-id")
     allure.dynamic.title(
-        f"probe {target.name}: Authentication-Results from {', '.join(trusted) or 'no one'} "
+        f"probe {target.name}: Authentication-Results from {', '.join(sources) or 'no one'} "
         "show spf, dkim and dmarc passing where present"
     )
     allure.dynamic.parameter("require_auth_results", spec.require_auth_results)
@@ -217,10 +224,11 @@ def check_probe_authentication_results_pass(
         if report.ignored
         else ""
     )
-    if not trusted:
+    if not sources:
         pytest.skip(
-            f"{target.id}: no trusted_authserv_ids in the inventory, so no "
-            f"Authentication-Results header can be believed{ignored_note}"
+            f"{target.id}: no trusted_authserv_ids in the inventory (nor "
+            "trust_topmost_without_id), so no Authentication-Results header can be "
+            f"believed{ignored_note}"
         )
     bad = report.not_passing()
     if bad:
@@ -230,12 +238,12 @@ def check_probe_authentication_results_pass(
         AUTH_RESULTS.fail(
             target.id,
             f"expected spf, dkim and dmarc to pass where the trusted receiving side "
-            f"({', '.join(trusted)}) reports them, found {found}{ignored_note}",
+            f"({', '.join(sources)}) reports them, found {found}{ignored_note}",
         )
     if report.reported():
         return  # at least one of spf, dkim, dmarc reported by a trusted header, all pass
     # Nothing was judged: say so (a skip), or fail where the inventory requires a header.
-    looked_for = ", ".join(trusted)
+    looked_for = ", ".join(sources)
     if report.trusted:
         methods = ", ".join(sorted(report.by_method())) or "no method"
         nothing = (
@@ -271,6 +279,7 @@ def check_probe_spam_score_below_threshold(
     probe_target: ProbeTarget, request: pytest.FixtureRequest
 ) -> None:
     target = probe_target
+    target.warn_insecure_tls()
     spamd = target.spec.spamd
     limit = f"{spamd.max_score:g}" if spamd else "the threshold"
     allure.dynamic.title(f"probe {target.name}: SpamAssassin scores the message below {limit}")

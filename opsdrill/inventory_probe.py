@@ -10,7 +10,12 @@
 - ``[app_environment.NAME]``: where the application's environment comes from (an env file,
   or a command such as ``docker exec app printenv``: the same source keys as
   ``[secrets.*]``, read the same way) and which keys must not be set in it.
-- ``[queues.NAME]``: a BullMQ queue in Redis whose backlog must stay small and fresh.
+- ``[queues.NAME]``: a BullMQ queue in Redis with a limit per job state (waiting,
+  prioritized, paused, active, delayed, overdue, failed) and on the oldest job's age.
+
+A triggered probe's request must carry a per-run ``{token}`` (in ``trigger.url`` or a
+string of ``trigger.json``) that the application shows in its message: without it two
+runs at once, or a run whose application sent nothing, would claim another run's message.
 
 Secrets are environment variable names only (``password_env``, ``bearer_token_env``).
 Relative paths (``ca_file``, ``env_file``) are relative to the inventory file: resolve
@@ -130,8 +135,22 @@ class SpamdScoring(StrictModel):
     timeout_seconds: Timeout = 30.0
 
 
+TOKEN = "{token}"
+
+
+def _mentions_token(value: Any) -> bool:
+    if isinstance(value, str):
+        return TOKEN in value
+    if isinstance(value, dict):
+        return any(_mentions_token(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_mentions_token(v) for v in value)
+    return False
+
+
 class HttpTrigger(StrictModel):
-    """The request that makes the application send (e.g. a portal invite)."""
+    """The request that makes the application send (e.g. a portal invite); ``{token}``
+    in ``url`` or a string of ``json`` is replaced by each run's own token."""
 
     url: str
     method: Literal["POST", "PUT", "PATCH", "GET"] = "POST"
@@ -165,11 +184,16 @@ class HttpTrigger(StrictModel):
             raise ValueError("secrets go in bearer_token_env, not in headers")
         return value
 
+    @property
+    def carries_token(self) -> bool:
+        return TOKEN in self.url or _mentions_token(self.json_body)
+
 
 class ExpectedMessage(StrictModel):
-    """How to recognise the message a triggered probe causes."""
+    """How to recognise the message a triggered probe causes (besides the run's token,
+    which it must show: in a header or a text part)."""
 
-    to: Address
+    to: Address = Field(description="the recipient; {token} in it for a plus-address")
     from_address: Address | None = Field(default=None, description="when set, must match")
     subject_pattern: Pattern = Field(description="regular expression searched in Subject")
     link_pattern: Pattern | None = Field(default=None, description="the link to extract")
@@ -200,7 +224,15 @@ class Probe(StrictModel):
     max_latency_seconds: float = Field(default=10.0, gt=0, description="accepted -> visible")
     use_idle: bool = Field(default=True, description="IMAP IDLE when offered, else polling")
     poll_interval_seconds: float = Field(default=1.0, gt=0, le=60)
-    trusted_authserv_ids: list[str] = Field(default_factory=list)
+    trusted_authserv_ids: list[str] = Field(
+        default_factory=list,
+        description="exact ids, or *.example.com for a provider whose id names the host",
+    )
+    trust_topmost_without_id: bool = Field(
+        default=False,
+        description="trust the topmost Authentication-Results header when it has no "
+        "authserv-id (Microsoft 365 writes none)",
+    )
     require_auth_results: bool = Field(
         default=False,
         description="a trusted Authentication-Results header must report spf, dkim or dmarc",
@@ -220,13 +252,30 @@ class Probe(StrictModel):
     def _lower_ids(cls, value: list[str]) -> list[str]:
         return [v.strip().lower() for v in value]
 
+    @field_validator("trusted_authserv_ids")
+    @classmethod
+    def _wildcards_are_suffixes(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if "*" in entry and (not entry.startswith("*.") or "*" in entry[2:]):
+                raise ValueError(
+                    f"{entry!r}: a wildcard is only allowed as a leading '*.' (e.g. "
+                    "'*.mail.yahoo.com'), matching that domain's hosts"
+                )
+        return value
+
     @field_validator("require_auth_results")
     @classmethod
     def _required_needs_trusted(cls, value: bool, info: ValidationInfo) -> bool:
-        # trusted_authserv_ids is declared (so validated) first; absent if it was invalid
-        if value and "trusted_authserv_ids" in info.data and not info.data["trusted_authserv_ids"]:
+        # both are declared (so validated) first; absent if they were invalid
+        if (
+            value
+            and "trusted_authserv_ids" in info.data
+            and not info.data["trusted_authserv_ids"]
+            and not info.data.get("trust_topmost_without_id")
+        ):
             raise ValueError(
-                "true needs at least one entry in trusted_authserv_ids, which is empty: no "
+                "true needs at least one entry in trusted_authserv_ids (or "
+                "trust_topmost_without_id = true), and there is none: no "
                 "Authentication-Results header could ever count (list the receiving side's "
                 "authserv-ids there, or set require_auth_results = false)"
             )
@@ -251,6 +300,16 @@ class Probe(StrictModel):
         missing = [k for k in wanted if getattr(self, k) is None]
         if missing:
             raise ValueError(f"a {self.kind} probe also needs {', '.join(missing)} (fix: add it)")
+        if self.trigger is not None and not self.trigger.carries_token:
+            raise ValueError(
+                "trigger: no {token} in url or json: each run's message must be told apart "
+                "from every other run's, or two runs at once (and a run whose application "
+                "sent nothing) would claim another run's message (fix: put {token} where the "
+                "application carries it into the message, e.g. json = { email = "
+                '"probe@example.com", name = "Probe {token}" } when the invitation greets '
+                'the invitee by name, or a plus-address "probe+{token}@example.com" in json '
+                "and expect.to)"
+            )
         if self.max_latency_seconds > self.timeout_seconds:
             raise ValueError(
                 f"max_latency_seconds ({self.max_latency_seconds:g}) exceeds timeout_seconds "
@@ -291,17 +350,54 @@ class RedisEndpoint(_Endpoint):
     timeout_seconds: Timeout = 5.0
 
 
+Limit = Annotated[int | None, Field(ge=0)]
+
+
 class QueueBacklog(StrictModel):
-    """A BullMQ queue (``<prefix>:<queue>:wait`` and the job hashes beside it)."""
+    """A BullMQ queue (``<prefix>:<queue>:wait``, ``delayed``, ``failed``... and the job
+    hashes beside them): the most jobs allowed in each state, and how old the oldest
+    waiting job may be. The defaults, and why each is what it is:
+    ``opsdrill.mail.backlog.Thresholds``."""
 
     redis: RedisEndpoint
     queue: str = Field(pattern=_NAME)
     prefix: str = Field(default="bull", min_length=1)
-    max_waiting: int = Field(default=100, ge=0)
+    max_waiting: Limit = Field(default=100, description="the wait list")
+    max_prioritized: Limit = 100
+    max_paused: Limit = Field(default=0, description="jobs held by a paused queue")
+    max_active: Limit = 100
+    max_delayed: Limit = Field(default=None, description="not judged unless set")
+    max_overdue: Limit = Field(default=0, description="delayed jobs past due + grace")
+    overdue_grace_seconds: float = Field(default=60, ge=0)
+    max_failed: Limit = Field(default=10, description="failed within failed_window_seconds")
+    failed_window_seconds: float = Field(default=3600, gt=0)
     max_oldest_age_seconds: float = Field(default=600, gt=0)
 
 
 ProbeName = Annotated[str, Field(pattern=_NAME)]
+
+
+def insecure_tls(
+    probes: dict[str, Probe], queues: dict[str, QueueBacklog]
+) -> list[tuple[str, str, bool]]:
+    """(inventory key, host, is loopback) of every connection with ``verify = false``:
+    TLS that checks no certificate, so anyone on the path can read the password."""
+    found: list[tuple[str, str, bool]] = []
+    for name, probe in probes.items():
+        parts: list[tuple[str, Any]] = [("smtp", probe.smtp), ("imap", probe.imap)]
+        for section, endpoint in parts:
+            if endpoint is not None and not endpoint.verify and endpoint.tls != "none":
+                host = endpoint.host
+                found.append((f"probes.{name}.{section}.verify", host, _loopback(host)))
+        trigger = probe.trigger
+        if trigger is not None and not trigger.verify and trigger.url.startswith("https:"):
+            host = urlsplit(trigger.url).hostname or ""
+            found.append((f"probes.{name}.trigger.verify", host, _loopback(host)))
+    for name, queue in queues.items():
+        redis = queue.redis
+        if redis.tls and not redis.verify:
+            found.append((f"queues.{name}.redis.verify", redis.host, _loopback(redis.host)))
+    return found
 
 
 def probe_env_refs(

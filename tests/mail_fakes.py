@@ -303,11 +303,16 @@ class FakeRedis:
     def zcard(self, name: str) -> int:
         return len(self.zsets.get(name, {}))
 
-    def zrange(self, name: str, start: int, end: int) -> list[bytes]:
+    def zrange(self, name: str, start: int, end: int, *, withscores: bool = False) -> list[Any]:
         ordered = sorted(self.zsets.get(name, {}).items(), key=lambda kv: kv[1])
-        members = [m.encode() for m, _ in ordered]
         stop = None if end == -1 else end + 1
-        return members[start:stop]
+        if withscores:
+            return [(m.encode(), score) for m, score in ordered[start:stop]]
+        return [m.encode() for m, _ in ordered[start:stop]]
+
+    def zcount(self, name: str, low: float | str, high: float | str) -> int:
+        lo, hi = float(low), float(high)  # "-inf" and "+inf" as Redis takes them
+        return sum(1 for score in self.zsets.get(name, {}).values() if lo <= score <= hi)
 
     def hget(self, name: str, key: str) -> bytes | None:
         value = self.hashes.get(name, {}).get(key)
@@ -319,3 +324,25 @@ class FakeRedis:
     def exists(self, *names: str) -> int:
         stores = (self.lists, self.zsets, self.hashes, self.strings)
         return sum(1 for n in names if any(n in s for s in stores))
+
+
+@contextmanager
+def fake_tls(cert: str, key: str) -> Iterator[int]:
+    """A TLS server presenting ``cert`` (self-signed: no client trusts it by default) that
+    completes the handshake when it can and closes; yields the port."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            try:
+                with context.wrap_socket(self.request, server_side=True) as tls:
+                    tls.settimeout(2)
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                pass  # the client refused our certificate: what the tests expect
+
+    with serve(Handler) as port:
+        yield port

@@ -19,8 +19,11 @@ import base64
 import copy
 import json
 import socket
+import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from opsdrill.mail import (
     ImapMailbox,
     TokenMatch,
     delete_messages,
+    new_run_token,
     session,
     wait_for_message,
 )
@@ -43,7 +47,8 @@ from opsdrill.mail.imap import select, uid_search
 from opsdrill.stack import demo_dns, mail
 from opsdrill.stack.header_checks import prepending_headers
 from opsdrill.stack.knot import KnotServer
-from tests.conftest import CheckRun, Env, Stack, derive
+from opsdrill.stack.redis_queue import BullMQ
+from tests.conftest import CheckRun, Env, Stack, derive, opsdrill
 from tests.registry import proves
 
 MAIN = demo_dns.MAIN.name  # example.test: From domain of the probes, signed with sel1
@@ -645,10 +650,20 @@ def test_junk_filing_fails_delivery_and_a_score_over_the_threshold_fails_spam(en
 # -- the application, its environment, its queue ---------------------------------------------
 
 
+def bullmq(env: Env) -> BullMQ:
+    """A fresh queue of the worker's Redis, driven by the real BullMQ package, and the
+    inventory's [queues.email] pointed at it (the stack's own queue stays healthy)."""
+    name = f"email-{uuid.uuid4().hex[:8]}"
+    env.rewrite(lambda d: d["queues"]["email"].update(queue=name))
+    port = env.stack.stack.redis().port
+    return BullMQ(port, env.stack.secrets["OPSDRILL_REDIS_PASSWORD"], queue=name)
+
+
 @proves(failed=["mail.app.link", "mail.queue.backlog"])
 def test_missing_activation_link_fails_link_and_a_backlog_fails_the_queue(env: Env) -> None:
-    app, queue = env.stack.stack.demo_app(), env.stack.stack.email_queue()
-    with app.without_activation_link(), queue.backlog(count=200, age_seconds=3600):
+    app = env.stack.stack.demo_app()
+    with app.without_activation_link(), bullmq(env).scratch() as queue:
+        queue.add(200, age_seconds=3600)  # Queue.addBulk, created an hour ago
         run = mail_checks(env, "portal or queue", "check_mail_app.py", "check_mail_config.py")
     assert_fails(
         run,
@@ -662,12 +677,67 @@ def test_missing_activation_link_fails_link_and_a_backlog_fails_the_queue(env: E
         run,
         "mail.queue.backlog",
         QUEUE,
-        "queue bull:email: 200 jobs waiting (threshold 100): is the worker running?",
+        f"queue bull:{queue.queue}: 200 jobs waiting (threshold 100): is the worker running?",
         "s old (threshold 600 s)",
     )
     res = result(run, "mail.queue.backlog", QUEUE)
     assert parameters(res)["waiting"] == "200"
     assert float(parameters(res)["oldest_age_s"]) >= 3600
+
+
+@proves(failed=["mail.queue.backlog"])
+def test_overdue_delayed_failed_and_paused_jobs_of_a_real_bullmq_queue_fail_the_backlog(
+    env: Env,
+) -> None:
+    """The issue's queue, built with BullMQ itself: 200 jobs a worker failed, then no
+    worker, 500 delayed jobs due in an hour and 300 due an hour ago (only a worker
+    promotes a due job: they wait forever). Nothing is in the wait list, so counting
+    waiting jobs alone passed it. Then a paused queue holding jobs. Every count is in the
+    evidence and equals BullMQ's own getJobCounts."""
+    with bullmq(env).scratch() as queue:
+        queue.fail(200)  # a real Worker, one attempt each: 535 from the "provider"
+        queue.add(500, delay_ms=3_600_000)
+        counts = queue.add(300, delay_ms=1000, age_seconds=3600)["counts"]
+        assert counts["delayed"] == 800 and counts["failed"] == 200 and counts["wait"] == 0
+        run = mail_checks(env, "queue", "check_mail_config.py")
+        where = f"queue bull:{queue.queue}"
+        assert_fails(
+            run,
+            "mail.queue.backlog",
+            QUEUE,
+            f"{where}: 300 delayed jobs overdue by more than 60 s, the oldest due 3",
+            "(threshold 0): only a worker moves a due job to wait, so no worker is running",
+            f"{where}: 200 jobs failed in the last 3600 s (threshold 10): the worker runs but "
+            "sending fails",
+        )
+        res = result(run, "mail.queue.backlog", QUEUE)
+        shown = parameters(res)
+        assert {k: shown[k] for k in ("waiting", "delayed", "overdue", "failed")} == {
+            "waiting": "0",
+            "delayed": "800",
+            "overdue": "300",
+            "failed": "200",
+        }
+        evidence = json.loads(attachment(run, res, "backlog"))
+        for state, key in (("wait", "wait"), ("delayed", "delayed"), ("failed", "failed_total")):
+            assert evidence[key] == counts[state], (state, evidence)
+        assert evidence["thresholds"]["max_overdue"] == 0
+        queue.obliterate()
+        queue.add(5, priority=2)
+        queue.add(3)
+        counts = queue.pause()["counts"]
+        paused = mail_checks(env, "queue", "check_mail_config.py")
+    assert counts["paused"] == 3 and counts["prioritized"] == 5
+    assert_fails(
+        paused,
+        "mail.queue.backlog",
+        QUEUE,
+        f"{where}: 3 jobs held in the paused list (threshold 0): the queue is paused and "
+        "sends nothing",
+        "(the queue is paused)",
+    )
+    shown = parameters(result(paused, "mail.queue.backlog", QUEUE))
+    assert (shown["paused"], shown["prioritized"], shown["waiting"]) == ("3", "5", "0")
 
 
 @proves(failed=["mail.app.delivery", "mail.app.link", "mail.probe.latency"])
@@ -792,3 +862,355 @@ def test_resolver_timeout_during_a_migration_breaks_the_migration_checks(env: En
     for check_id in ("migration.dkim", "migration.spf", "migration.dmarc"):
         assert_broken(run, check_id, f"dns:{MAIN}", f"timed out asking 127.0.0.1:{port}")
     assert run.returncode == 2, run.output[-2000:]
+
+
+# -- a triggered run's message is its own ------------------------------------------------------
+
+
+def in_background(fn: Callable[[], CheckRun]) -> Callable[[], CheckRun]:
+    """Start ``fn`` (a check run: a subprocess) in a thread; the returned call joins it."""
+    out: list[CheckRun] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+
+    def join() -> CheckRun:
+        thread.join(timeout=300)
+        assert out, "the check run did not finish"
+        return out[0]
+
+    return join
+
+
+def wait_for_invites(env: Env, count: int, timeout: float = 90.0) -> None:
+    """Until the application has logged ``count`` invite requests (runs have triggered)."""
+    app = env.stack.stack.demo_app()
+    deadline = time.monotonic() + timeout
+    while app.invites_received() < count:
+        assert time.monotonic() < deadline, f"fewer than {count} invite requests in {timeout} s"
+        time.sleep(0.1)
+
+
+def evidence_of(run: CheckRun, target: str = INVITE) -> dict[str, Any]:
+    res = result(run, "mail.app.delivery", target)
+    return dict(json.loads(attachment(run, res, "probe evidence")))
+
+
+def invite(env: Env, name: str) -> None:
+    """What another run's trigger does: POST an invitation for ``name``."""
+    trigger = env.data["probes"]["portal-invite"]["trigger"]
+    body = json.dumps({"email": mail.PROBE.address, "name": name}).encode()
+    token = env.stack.secrets[trigger["bearer_token_env"]]
+    request = urllib.request.Request(
+        trigger["url"],
+        data=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=15) as response:
+        assert response.status == 201
+
+
+def test_two_triggered_runs_at_once_each_claim_their_own_invitation(env: Env) -> None:
+    """Two CI jobs at once: the application holds both invitations (a stopped worker)
+    until both runs have noted the mailbox and triggered, then sends both. Matching by
+    recipient, subject and time, both runs claimed the first to arrive; each run's token,
+    carried as the invitee's name, makes each claim its own."""
+    app = env.stack.stack.demo_app()
+    before = app.invites_received()
+    with app.holding_invites():
+        runs = [in_background(lambda: mail_checks(env, "portal", "check_mail_app.py"))]
+        runs.append(in_background(lambda: mail_checks(env, "portal", "check_mail_app.py")))
+        wait_for_invites(env, before + 2)
+    first, second = (join() for join in runs)
+    for run in (first, second):
+        assert_passes(run, "mail.app.delivery", INVITE)
+        assert_passes(run, "mail.app.link", INVITE)
+    one, other = evidence_of(first), evidence_of(second)
+    assert one["received"]["uid"] != other["received"]["uid"], (one["received"], other)
+    assert one["token"] != other["token"]
+    for run, mine, theirs in ((first, one, other), (second, other, one)):
+        res = result(run, "mail.app.delivery", INVITE)
+        (eml,) = eml_names(res)
+        raw = attachment(run, res, eml)
+        assert mine["token"] in raw and theirs["token"] not in raw
+        assert f"Hello Probe {mine['token']}," in raw
+    assert first.returncode == 0 and second.returncode == 0
+
+
+@proves(failed=["mail.app.delivery"])
+def test_a_trigger_that_sends_nothing_never_claims_another_runs_invitation(env: Env) -> None:
+    """Another run's invitation arrives while this run waits, after its trigger (newer
+    UID, in its time window, same recipient and subject): this run's application sent
+    nothing, so it must fail, not pass on the other run's message."""
+    rewrite_probe(env, "portal-invite", timeout_seconds=8.0, max_latency_seconds=8.0)
+    app = env.stack.stack.demo_app()
+    other = new_run_token()
+    before = app.invites_received()
+    with app.holding_invites():
+        invite(env, f"Probe {other}")  # the other run's, held by the application
+        with app.dropping_invites():  # this run's: answered 201, never sent
+            join = in_background(lambda: mail_checks(env, "portal", "check_mail_app.py"))
+            wait_for_invites(env, before + 2)
+            app.release_invites()  # the other run's invitation arrives now
+            run = join()
+    msg = assert_fails(
+        run,
+        "mail.app.delivery",
+        INVITE,
+        "expected the application's message in INBOX within 8 s; the trigger answered 201, "
+        "then receive: a message to probe@mailbox.test showing this run's token opsdrill-",
+        f"not found in INBOX, Junk of {mail.PROBE.address} at ",
+    )
+    assert other not in msg
+    # the other run's invitation arrived, and was left alone for its own run
+    found = wait_for_message(
+        mailbox(env), TokenMatch(other, header="To"), folders=("INBOX",), timeout=10
+    )
+    delete_messages(mailbox(env), found.folder, [found.uid])
+    assert run.returncode == 1
+
+
+def invitation_bytes(to: str, subject: str, body: str) -> bytes:
+    return (
+        f"From: Example CRM <{mail.SENDER.address}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Date: Tue, 01 Dec 2026 09:00:00 +0000\r\nMessage-ID: <{uuid.uuid4().hex}@example.test>"
+        f"\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def test_orphaned_invitations_of_earlier_runs_are_swept_and_real_mail_is_kept(
+    env: Env,
+) -> None:
+    """A run that crashed, or whose message came after it gave up, leaves its invitation
+    behind. The next run deletes those older than sweep_after_minutes that show a run
+    token's shape, and keeps everything else: a young one (a run in progress) and an old
+    invitation without a token (real mail)."""
+    dovecot = env.stack.stack.dovecot()
+    subject = "You're invited to the Example CRM portal"
+    orphan, young = new_run_token(), new_run_token()
+    real = uuid.uuid4().hex
+    hours_ago = time.time() - 7200
+    planted = dovecot.plant_messages(
+        mail.PROBE.address,
+        [invitation_bytes(f'"Probe {orphan}" <{mail.PROBE.address}>', subject, "Hello")],
+        delivered=hours_ago,
+    )
+    planted += dovecot.plant_messages(
+        mail.PROBE.address,
+        [invitation_bytes(mail.PROBE.address, subject, f"Hello {real}")],
+        delivered=hours_ago,
+    )
+    planted += dovecot.plant_messages(
+        mail.PROBE.address,
+        [invitation_bytes(f'"Probe {young}" <{mail.PROBE.address}>', subject, "Hello")],
+        delivered=time.time() - 60,
+    )
+    try:
+        run = mail_checks(env, "portal and arrives", "check_mail_app.py")
+        assert_passes(run, "mail.app.delivery", INVITE)
+        assert evidence_of(run)["swept_stale_probes"] == 1
+        with session(mailbox(env)) as box:
+            select(box, "INBOX", readonly=True)
+            assert uid_search(box, f'TEXT "{orphan}"') == []
+            assert len(uid_search(box, f'TEXT "{young}"')) == 1
+            assert len(uid_search(box, f'TEXT "{real}"')) == 1
+    finally:
+        dovecot.remove_planted(planted)
+
+
+# -- Microsoft 365's Authentication-Results: no authserv-id, trusted by position --------------
+
+
+@proves(failed=["mail.probe.auth_results"])
+def test_microsoft_365_results_without_authserv_id_are_judged_when_topmost(env: Env) -> None:
+    """The receiving side writes Microsoft's shape (no authserv-id) reporting a DKIM and
+    DMARC failure; below it, the same shape claims everything passed. With
+    trust_topmost_without_id the topmost counts and fails the check; the lower one is
+    ignored. Without it, nothing can be trusted: skipped, saying what to set."""
+    copy_probe(env, "m365")
+    rewrite_probe(env, "m365", trusted_authserv_ids=[], trust_topmost_without_id=True)
+    top = (
+        "Authentication-Results: spf=pass (sender IP is 127.0.0.1) "
+        f"smtp.mailfrom={MAIN}; dkim=fail (body hash did not verify) header.d={MAIN};"
+        f"dmarc=fail action=oreject header.from={MAIN};compauth=fail reason=000"
+    )
+    below = (
+        "Authentication-Results: spf=pass (sender IP is 127.0.0.1) "
+        f"smtp.mailfrom={MAIN}; dkim=pass (signature was verified) header.d={MAIN};"
+        f"dmarc=pass action=none header.from={MAIN};compauth=pass reason=100"
+    )
+    rules = [(r"^Subject: opsdrill probe ", top), (rf"^{PROBE_HEADER}: ", below)]
+    with prepending_headers(env.stack.stack.postfix(), rules):
+        run = mail_checks(env, "transactional or m365", "check_mail_probe.py")
+    assert_fails(
+        run,
+        "mail.probe.auth_results",
+        "probe:m365",
+        "the topmost header without an authserv-id) reports them, found dkim=fail, dmarc=fail",
+        "ignored 1 header(s) from untrusted authserv-ids: (no authserv-id) claiming spf=pass, "
+        "dkim=pass, dmarc=pass, compauth=pass",
+    )
+    res = result(run, "mail.probe.auth_results", "probe:m365")
+    report = json.loads(attachment(run, res, "Authentication-Results: trusted and ignored"))
+    (trusted,) = report["trusted"]
+    assert trusted["authserv_id"] is None and trusted["index"] == 0
+    assert "not the topmost header" in report["ignored"][0]["why_ignored"]
+    # the stack's own id is trusted by name, and neither header carries it
+    assert_skipped(
+        run,
+        "mail.probe.auth_results",
+        TX,
+        "the message carried 2 header(s) from (no authserv-id), all ignored as untrusted",
+    )
+    assert_passes(run, "mail.probe.delivery", "probe:m365")
+
+
+# -- thousands of stale probe messages -----------------------------------------------------
+
+
+def test_sweep_of_15000_stale_probe_messages_runs_in_batches(env: Env) -> None:
+    """Runs that crashed before their cleanup left 15,000 probe messages. Swept with every
+    stale UID in one command, the line exceeded Dovecot's limit and every later run
+    failed; swept in batches, one run removes them all and the probe passes."""
+    copy_probe(env, "sweeper")
+    rewrite_probe(
+        env,
+        "sweeper",
+        to_address=mail.OPS.address,
+        **{
+            "imap.user": mail.OPS.address,
+            "imap.password_env": mail.OPS.password_env,
+            "imap.timeout_seconds": 60.0,
+        },
+    )
+    dovecot = env.stack.stack.dovecot()
+    stale = [
+        f"From: {mail.SENDER.address}\r\nTo: {mail.OPS.address}\r\n{PROBE_HEADER}: stale-{i}\r\n"
+        f"Subject: opsdrill probe stale-{i}\r\n\r\nleft behind by a crashed run\r\n".encode()
+        for i in range(15_000)
+    ]
+    planted = dovecot.plant_messages(mail.OPS.address, stale, delivered=time.time() - 7200)
+    ops = ImapMailbox(
+        "127.0.0.1",
+        env.data["probes"]["sweeper"]["imap"]["port"],
+        "tls",
+        mail.OPS.address,
+        env.stack.secrets[mail.OPS.password_env],
+        ca_file=env.data["probes"]["sweeper"]["imap"]["ca_file"],
+        timeout=120,
+    )
+    try:
+        with session(ops) as box:  # Dovecot indexes the new files once, here
+            select(box, "INBOX", readonly=True)
+            assert len(uid_search(box, f'HEADER {PROBE_HEADER} ""')) >= 15_000
+        run = mail_checks(env, "sweeper and reaches", "check_mail_probe.py")
+        assert_passes(run, "mail.probe.delivery", "probe:sweeper")
+        res = result(run, "mail.probe.delivery", "probe:sweeper")
+        assert json.loads(attachment(run, res, "probe evidence"))["swept_stale_probes"] == 15_000
+        with session(ops) as box:
+            select(box, "INBOX", readonly=True)
+            assert uid_search(box, f'HEADER {PROBE_HEADER} "stale-"') == []
+    finally:
+        dovecot.remove_planted(planted)
+
+
+# -- TLS without verification, and an untrusted certificate ---------------------------------
+
+
+@proves(broken=PROBE_CHECKS)
+def test_verify_false_warns_on_every_check_and_an_untrusted_certificate_names_ca_file(
+    env: Env,
+) -> None:
+    """verify = false gave green checks and no word about it: now every check of that
+    probe carries the warning (Allure attachment and parameter, the terminal's warnings
+    summary). Without the CA that issued the stack's certificate, the checks are broken
+    and the message names the ca_file key to set, never verify = false."""
+    copy_probe(env, "noca")
+    env.rewrite(lambda d: d["probes"]["noca"]["imap"].pop("ca_file"))
+    rewrite_probe(env, **{"smtp.verify": False, "imap.verify": False})
+    run = mail_checks(env, "transactional or noca", "check_mail_probe.py")
+    for check_id in PROBE_CHECKS:
+        res = result(run, check_id, TX)
+        assert res["status"] in ("passed", "skipped"), (check_id, message(res))
+        text = attachment(run, res, "TLS verification disabled")
+        assert "probe:transactional: TLS certificate verification is OFF: " in text
+        assert "probes.transactional.smtp.verify = false (127.0.0.1)" in text
+        assert "probes.transactional.imap.verify = false (127.0.0.1)" in text
+        shown = parameters(res)["tls_verify"].strip("'")  # Allure shows a repr
+        assert shown == "OFF: probes.transactional.smtp.verify, probes.transactional.imap.verify"
+    assert "InsecureTlsWarning: probe:transactional: TLS certificate verification is OFF" in (
+        run.output
+    )
+    warned = run.output.split("warnings summary", 1)[1]
+    for func in ("check_probe_reaches_the_inbox", "check_probe_latency_within_threshold"):
+        assert f"{func}[probe:transactional]" in warned
+    port = env.data["probes"]["noca"]["imap"]["port"]
+    for check_id in PROBE_CHECKS:
+        assert_broken(
+            run,
+            check_id,
+            "probe:noca",
+            f"IMAP 127.0.0.1:{port}: TLS certificate verification failed: ",
+            "the server's certificate is not trusted (fix: set probes.noca.imap.ca_file to the "
+            "PEM file of the CA that issued it",
+            "do not set verify = false)",
+        )
+    assert run.returncode == 2
+
+
+def test_inventory_check_warns_for_verify_false_towards_another_host(env: Env) -> None:
+    rewrite_probe(env, **{"smtp.host": "smtp.example.net", "smtp.verify": False})
+    rewrite_probe(env, **{"imap.verify": False})  # loopback: the local stack, no warning
+    checked = opsdrill("inventory", "check", str(env.path))
+    assert checked.returncode == 0, checked.stderr
+    assert (
+        "warning: probes.transactional.smtp.verify = false for smtp.example.net: TLS without "
+        "certificate checks, so anyone on the path can pose as smtp.example.net and read the "
+        "password"
+    ) in checked.stderr
+    assert "(fix: set probes.transactional.smtp.ca_file to the CA" in checked.stderr
+    assert "imap.verify" not in checked.stderr
+
+
+# -- EMAIL_REDIRECT_TO in the shapes the application's dotenv applies ----------------------
+
+
+@proves(failed=["mail.config.redirect"])
+@pytest.mark.parametrize("shape", ["bom", "export-tab"])
+def test_redirect_after_a_byte_order_mark_or_as_export_tab_is_caught(
+    stack: Stack, tmp_path: Path, shape: Any
+) -> None:
+    """The application's dotenv applies EMAIL_REDIRECT_TO written on the first line after
+    a UTF-8 byte-order mark, and as ``export<TAB>EMAIL_REDIRECT_TO=``: the stand-in
+    application really redirects its invitation, and the check reads the file the same
+    way and fails."""
+    app = stack.stack.demo_app()
+    with app.redirecting(mail.OPS.address, shape):
+        written = app.env_file.read_bytes()
+        env = derive(stack, tmp_path)  # its own copy of the .env, redirect included
+        subject = f"[{mail.PROBE.address}]"
+        invite(env, "Probe redirected")
+        ops = ImapMailbox(
+            "127.0.0.1",
+            env.data["probes"]["transactional"]["imap"]["port"],
+            "tls",
+            mail.OPS.address,
+            stack.secrets[mail.OPS.password_env],
+            ca_file=env.data["probes"]["transactional"]["imap"]["ca_file"],
+        )
+        found = wait_for_message(
+            ops, TokenMatch(subject, header="Subject"), folders=("INBOX",), timeout=15
+        )
+        delete_messages(ops, found.folder, [found.uid])
+    if shape == "bom":
+        assert written.startswith(b"\xef\xbb\xbfEMAIL_REDIRECT_TO=")
+    else:
+        assert b"\nexport\tEMAIL_REDIRECT_TO=" in written
+    run = mail_checks(env, "appenv", "check_mail_config.py")
+    assert_fails(
+        run,
+        "mail.config.redirect",
+        APPENV,
+        f"expected EMAIL_REDIRECT_TO unset in production, found "
+        f"EMAIL_REDIRECT_TO={mail.OPS.address} in env file",
+    )
+    assert_no_secrets(run, stack)

@@ -400,7 +400,7 @@ imap = { host = "imap.mailbox.test", user = "probe@mailbox.test", password_env =
 [probes.portal-invite.trigger]
 url = "https://crm.example.test/api/portal/invite"
 method = "POST"
-json = { email = "probe@mailbox.test" }
+json = { email = "probe@mailbox.test", name = "Probe {token}" }
 bearer_token_env = "T_APP_TOKEN"
 
 [probes.portal-invite.expect]
@@ -450,7 +450,8 @@ def test_probe_sections_load_with_accessors(tmp_path: Path) -> None:
     )
     assert triggered.use_idle and triggered.timeout_seconds == 30.0
     trigger, expect = triggered.trigger, triggered.expect
-    assert trigger is not None and trigger.json_body == {"email": "probe@mailbox.test"}
+    assert trigger is not None
+    assert trigger.json_body == {"email": "probe@mailbox.test", "name": "Probe {token}"}
     assert expect is not None and expect.fetch_link and expect.link_pattern
     assert re.search(expect.link_pattern, "see https://crm.test/activate?token=abc_1 now")
     assert inv.app_environment("crm").forbidden_keys == ["EMAIL_REDIRECT_TO"]
@@ -510,7 +511,12 @@ def test_bad_probe_values_are_all_named(tmp_path: Path) -> None:
         .replace('to_address = "probe@mailbox.test"', 'to_address = "probe"')
         .replace('bearer_token_env = "T_APP_TOKEN"', 'bearer_token_env = "T_APP_TOKEN"\nport = 1')
         .replace('subject_pattern = "invited"', 'subject_pattern = "(invited"')
-        .replace('json = { email = "probe@mailbox.test" }', "timeout_seconds = 0")
+        .replace('json = { email = "probe@mailbox.test", name = "Probe {token}" }', "")
+        .replace(
+            'bearer_token_env = "T_APP_TOKEN"',
+            'bearer_token_env = "T_APP_TOKEN"\ntimeout_seconds = 0',
+            1,
+        )
         .replace('queue = "email"', 'queue = "email"\nbogus = 1')
     )
     msg = probe_error(tmp_path, text)

@@ -30,6 +30,8 @@ from opsdrill.mail import (
     ProbeFailed,
     ProbeResult,
     SmtpEndpoint,
+    Thresholds,
+    TlsVerifyFailed,
     aligned,
     authentication_results,
     backlog_from_client,
@@ -630,8 +632,8 @@ def test_bullmq_backlog_counts_and_ages_the_oldest_waiting_job() -> None:
     assert (backlog.waiting, backlog.prioritized, backlog.total_waiting) == (3, 0, 3)
     assert (backlog.oldest_job_id, backlog.oldest_age_seconds) == ("1", 600.0)
     assert backlog.queue_known and not backlog.queue_paused
-    assert over_thresholds(backlog, max_waiting=10, max_age_seconds=900) == []
-    problems = over_thresholds(backlog, max_waiting=2, max_age_seconds=300)
+    assert over_thresholds(backlog, Thresholds(max_waiting=10, max_oldest_age_seconds=900)) == []
+    problems = over_thresholds(backlog, Thresholds(max_waiting=2, max_oldest_age_seconds=300))
     assert problems == [
         "queue bull:email: 3 jobs waiting (threshold 2): is the worker running?",
         "queue bull:email: oldest waiting job 1 is 600 s old (threshold 300 s)",
@@ -651,9 +653,53 @@ def test_bullmq_backlog_prioritized_paused_and_unknown_queue() -> None:
     assert backlog.oldest_age_seconds == 3600.0 and backlog.queue_paused
     empty = backlog_from_client(redis, "emails", now_ms=now)
     assert (empty.total_waiting, empty.oldest_age_seconds, empty.queue_known) == (0, None, False)
-    assert over_thresholds(empty, 10, 60) == [
+    assert over_thresholds(empty, Thresholds()) == [
         "queue bull:emails: no keys found (wrong queue name or prefix?)"
     ]
+
+
+def test_bullmq_backlog_counts_every_state_and_judges_overdue_and_recent_failures() -> None:
+    """Delayed jobs are scored due_ms * 0x1000 + a counter (BullMQ's getDelayedScore);
+    one due more than the grace period ago is overdue: no worker promoted it."""
+    now = 1_800_000_000_000
+    redis = FakeRedis()
+    redis.hset("bull:email:meta", **{"opts.maxLenEvents": 10000})
+    for i, due_in_s in enumerate((-3600, -600, -30, 600, 7200)):  # two overdue, one in grace
+        _job(redis, str(10 + i), now - 7200_000)
+        redis.zadd("bull:email:delayed", str(10 + i), (now + due_in_s * 1000) * 0x1000 + i)
+    for i, ago_s in enumerate((30, 600, 7200)):  # two failed in the last hour
+        redis.zadd("bull:email:failed", str(20 + i), now - ago_s * 1000)
+    redis.rpush("bull:email:active", "30")
+    _job(redis, "30", now - 1000)
+    backlog = backlog_from_client(redis, "email", now_ms=now)
+    assert backlog.counts() == {
+        "waiting": 0,
+        "paused": 0,
+        "prioritized": 0,
+        "active": 1,
+        "delayed": 5,
+        "overdue": 2,
+        "failed": 2,
+    }
+    assert (backlog.oldest_overdue_job_id, backlog.oldest_overdue_seconds) == ("10", 3600.0)
+    assert backlog.failed == 3 and backlog.evidence()["failed_recent"] == 2
+    assert over_thresholds(backlog, Thresholds()) == [
+        "queue bull:email: 2 delayed jobs overdue by more than 60 s, the oldest due 3600 s "
+        "ago (threshold 0): only a worker moves a due job to wait, so no worker is running"
+    ]
+    strict = Thresholds(max_failed=1, max_active=0, max_delayed=4, failed_window_seconds=60)
+    assert over_thresholds(backlog, strict)[:2] == [
+        "queue bull:email: 1 jobs active (taken by a worker, not finished) (threshold 0): a "
+        "worker that died mid-job leaves them there until another worker's stalled-job check "
+        "moves them back",
+        "queue bull:email: 5 delayed jobs (threshold 4): scheduled sends or retries waiting "
+        "for their backoff pile up",
+    ]
+    # the failed window is applied when reading (ZCOUNT since now - window)
+    short = backlog_from_client(redis, "email", now_ms=now, failed_window_seconds=60)
+    assert short.failed_recent == 1
+    lenient = backlog_from_client(redis, "email", now_ms=now, overdue_grace_seconds=7200)
+    assert lenient.overdue == 0 and lenient.oldest_overdue_seconds is None
 
 
 # ---------------------------------------------------------------- application env
@@ -712,14 +758,19 @@ def test_uid_fetch_parses_literals_and_trailing_items() -> None:
 
 def test_app_message_match_criteria_and_validation() -> None:
     since = datetime(2026, 11, 28, 0, 30, tzinfo=UTC)
-    match = AppMessageMatch("client@mailbox.test", r"^Activate", since)
+    token = "opsdrill-20261128003000-0123456789ab"
+    match = AppMessageMatch("client@mailbox.test", r"^Activate", since, token)
     assert match.criteria("INBOX") == (
-        'SINCE 27-Nov-2026 OR TO "client@mailbox.test" HEADER Delivered-To "client@mailbox.test"'
+        f'SINCE 27-Nov-2026 TEXT "{token}" OR TO "client@mailbox.test" HEADER Delivered-To '
+        '"client@mailbox.test"'
     )
+    assert token in match.describe()
     with pytest.raises(ConfigError, match="timezone-aware"):
-        AppMessageMatch("a@b.test", "x", datetime(2026, 1, 1))
+        AppMessageMatch("a@b.test", "x", datetime(2026, 1, 1), token)
     with pytest.raises(ConfigError, match="not a valid regular expression"):
-        AppMessageMatch("a@b.test", "(", since)
+        AppMessageMatch("a@b.test", "(", since, token)
+    with pytest.raises(ConfigError, match="per-run token"):
+        AppMessageMatch("a@b.test", "x", since, "")
 
 
 def test_probe_result_evidence_has_latency_and_no_password() -> None:
@@ -816,7 +867,9 @@ smtp = { host = "127.0.0.1", tls = "none", user = "crm@example.test", password_e
 imap = { host = "127.0.0.1", tls = "none", user = "probe@mailbox.test", password_env = "U_IMAP" }
 
 [probes.invite]
-trigger = { url = "http://127.0.0.1:9/invite", bearer_token_env = "U_TOKEN" }
+trigger.url = "http://127.0.0.1:9/invite"
+trigger.bearer_token_env = "U_TOKEN"
+trigger.json = { email = "probe@mailbox.test", name = "Probe {token}" }
 expect = { to = "probe@mailbox.test", subject_pattern = "invited" }
 imap = { host = "127.0.0.1", tls = "none", user = "probe@mailbox.test", password_env = "U_IMAP" }
 
@@ -945,8 +998,11 @@ def test_require_auth_results_needs_trusted_authserv_ids(tmp_path: Path) -> None
         _inventory(tmp_path, text)
     assert (
         "probes.tx.require_auth_results: true needs at least one entry in "
-        "trusted_authserv_ids, which is empty"
+        "trusted_authserv_ids (or trust_topmost_without_id = true), and there is none"
     ) in caught.value.message
+    # Microsoft 365: no authserv-id to list; trust by position is a source of trust too
+    m365 = text.replace("trusted_authserv_ids = []", "trust_topmost_without_id = true")
+    assert _inventory(tmp_path, m365).probe("tx").trust_topmost_without_id
 
 
 def test_ar_reported_is_what_there_is_to_judge() -> None:
@@ -956,3 +1012,296 @@ def test_ar_reported_is_what_there_is_to_judge() -> None:
     assert [r.method for r in some.reported()] == ["dkim"]
     untrusted = parse_values(["evil.test; dkim=pass header.d=example.test"], TRUSTED)
     assert untrusted.reported() == []
+
+
+# ---------------------------------------------------------------- the big providers' headers
+# Real header shapes, as each provider documents and writes them: folded where it folds,
+# with its comments, and with the spaces it leaves out (";dmarc=", "pass(p=REJECT)").
+
+M365 = (
+    # Exchange Online Protection writes no authserv-id; it adds its header on top of
+    # everything the sender's side wrote, below its own internal hops.
+    b"Received: from BN8PR04MB6321.namprd04.prod.outlook.com (2603:10b6:408:d4::23) by\r\n"
+    b" SA1PR04MB8457.namprd04.prod.outlook.com with HTTPS; Tue, 1 Dec 2026 09:14:03\r\n"
+    b" +0000\r\n"
+    b"Authentication-Results: spf=fail (sender IP is 198.51.100.7)\r\n"
+    b" smtp.mailfrom=example.com; dkim=none (message not signed)\r\n"
+    b" header.d=none;dmarc=fail action=oreject\r\n"
+    b" header.from=example.com;compauth=fail reason=000\r\n"
+    b"Received-SPF: Fail (protection.outlook.com: domain of example.com does not\r\n"
+    b" designate 198.51.100.7 as permitted sender) receiver=protection.outlook.com;\r\n"
+    b" client-ip=198.51.100.7; helo=relay.example.net;\r\n"
+    b"Received: from relay.example.net (198.51.100.7) by\r\n"
+    b" BN1PEPF00004680.mail.protection.outlook.com (10.167.243.85) with Microsoft SMTP\r\n"
+    b" Server (version=TLS1_3, cipher=TLS_AES_256_GCM_SHA384) id 15.20.8207.0 via\r\n"
+    b" Frontend Transport; Tue, 1 Dec 2026 09:14:02 +0000\r\n"
+    # the sender's side, below: a forgery in Microsoft's shape, claiming everything passed
+    b"Authentication-Results: spf=pass (sender IP is 203.0.113.5)\r\n"
+    b" smtp.mailfrom=example.com; dkim=pass (signature was verified)\r\n"
+    b" header.d=example.com;dmarc=pass action=none header.from=example.com;compauth=pass\r\n"
+    b" reason=100\r\n"
+    b"From: CRM <crm@example.com>\r\nTo: probe@contoso.onmicrosoft.com\r\nSubject: x\r\n"
+    b"\r\nbody\r\n"
+)
+GOOGLE = (
+    b"ARC-Authentication-Results: i=1; mx.google.com;\r\n"
+    b"       dkim=pass header.i=@example.com header.s=sel header.b=Hk3/5Q+z;\r\n"
+    b"       spf=pass smtp.mailfrom=crm@example.com\r\n"
+    b"Authentication-Results: mx.google.com;\r\n"
+    b"       dkim=pass header.i=@example.com header.s=sel header.b=Hk3/5Q+z;\r\n"
+    b"       spf=pass (google.com: domain of crm@example.com designates 203.0.113.5 as\r\n"
+    b" permitted sender) smtp.mailfrom=crm@example.com;\r\n"
+    b"       dmarc=pass (p=REJECT sp=REJECT dis=NONE) header.from=example.com\r\n"
+    b"Received: from mail.example.com (mail.example.com. [203.0.113.5])\r\n"
+    b"        by mx.google.com with ESMTPS id a1si123;\r\n"
+    b"        Tue, 01 Dec 2026 01:14:03 -0800 (PST)\r\n"
+    b"From: crm@example.com\r\nSubject: x\r\n\r\nbody\r\n"
+)
+YAHOO = (
+    b"Authentication-Results: atlas212.free.mail.ne1.yahoo.com;\r\n"
+    b" dkim=pass header.i=@example.com header.s=sel;\r\n"
+    b" spf=pass smtp.mailfrom=example.com;\r\n"
+    b" dmarc=pass(p=REJECT) header.from=example.com;\r\n"
+    b"Received: from 203.0.113.5 (EHLO mail.example.com)\r\n"
+    b" by 10.217.151.73 with SMTP; Tue, 01 Dec 2026 09:14:03 +0000\r\n"
+    # below: written by the sender's side with a made-up host under yahoo.com
+    b"Authentication-Results: atlas1.free.mail.bf1.yahoo.com; dkim=pass\r\n"
+    b" header.i=@example.com; spf=pass; dmarc=pass header.from=example.com\r\n"
+    b"From: crm@example.com\r\nSubject: x\r\n\r\nbody\r\n"
+)
+
+
+def test_ar_microsoft_365_has_no_authserv_id_and_is_trusted_by_position_only() -> None:
+    report = authentication_results(M365, [], topmost_without_id=True)
+    (top,) = report.trusted
+    assert top.index == 0 and top.authserv_id == "" and top.errors == ()
+    assert report.by_method() == {
+        "spf": ["fail"],
+        "dkim": ["none"],
+        "dmarc": ["fail"],
+        "compauth": ["fail"],
+    }
+    spf, dkim_r, dmarc, compauth = top.results
+    assert spf.comments == ("sender IP is 198.51.100.7",)
+    assert spf.prop("smtp.mailfrom") == "example.com" and dkim_r.prop("header.d") == "none"
+    assert dmarc.properties == {"action": "oreject", "header.from": "example.com"}
+    assert compauth.reason == "000"
+    assert [r.method for r in report.not_passing()] == ["spf", "dkim", "dmarc"]
+    (forged,) = report.ignored  # the same shape lower down: not the receiver's
+    assert forged.index == 1 and [r.result for r in forged.results] == ["pass"] * 4
+    assert "not the topmost header" in forged.why
+    evidence = report.evidence()
+    assert evidence["trusted"][0]["authserv_id"] is None
+    assert "without an authserv-id" in evidence["trusted"][0]["why_trusted"]
+    # without the option nothing names the writer: both ignored, saying what to set
+    untrusted = authentication_results(M365, ["mx.google.com"])
+    assert untrusted.trusted == () and len(untrusted.ignored) == 2
+    assert "trust_topmost_without_id = true" in untrusted.ignored[0].why
+    # the old parser took "spf=fail" for the authserv-id: never again
+    assert parse_header("spf=fail (sender IP is 198.51.100.7) smtp.mailfrom=x.test").results
+
+
+def test_ar_google_is_trusted_by_its_fixed_authserv_id() -> None:
+    report = authentication_results(GOOGLE, ["mx.google.com"])
+    (header,) = report.trusted  # the ARC-Authentication-Results is another field
+    assert header.authserv_id == "mx.google.com" and header.errors == ()
+    assert report.by_method() == {"dkim": ["pass"], "spf": ["pass"], "dmarc": ["pass"]}
+    dkim_r, spf, dmarc = header.results
+    assert dkim_r.properties == {
+        "header.i": "@example.com",
+        "header.s": "sel",
+        "header.b": "Hk3/5Q+z",
+    }
+    assert spf.comments[0].startswith("google.com: domain of crm@example.com designates")
+    assert spf.prop("smtp.mailfrom") == "crm@example.com"
+    assert dmarc.comments == ("p=REJECT sp=REJECT dis=NONE",)
+    assert report.not_passing() == []
+
+
+def test_ar_yahoo_names_its_host_a_wildcard_trusts_only_the_topmost() -> None:
+    report = authentication_results(YAHOO, ["*.yahoo.com"])
+    (header,) = report.trusted
+    assert header.authserv_id == "atlas212.free.mail.ne1.yahoo.com" and header.errors == ()
+    assert [(r.method, r.result) for r in header.results] == [
+        ("dkim", "pass"),
+        ("spf", "pass"),
+        ("dmarc", "pass"),
+    ]
+    assert header.results[2].comments == ("p=REJECT",)  # "pass(p=REJECT)": no space
+    (lower,) = report.ignored
+    assert lower.authserv_id == "atlas1.free.mail.bf1.yahoo.com"
+    assert "matches *.yahoo.com but is not the topmost header" in lower.why
+    exact = authentication_results(YAHOO, ["atlas1.free.mail.bf1.yahoo.com"])
+    assert [h.index for h in exact.trusted] == [1]  # an exact id is trusted where it is
+    assert authentication_results(YAHOO, ["*.ahoo.com", "yahoo.com"]).trusted == ()
+
+
+def test_trusted_authserv_id_wildcards_are_leading_only(tmp_path: Path) -> None:
+    text = INVENTORY.replace('["mail.mailbox.test"]', '["mail.*.test"]')
+    with pytest.raises(ConfigError, match=r"only allowed as a leading '\*\.'"):
+        _inventory(tmp_path, text)
+    ok = _inventory(tmp_path, INVENTORY.replace('["mail.mailbox.test"]', '["*.Yahoo.com"]'))
+    assert ok.probe("tx").trusted_authserv_ids == ["*.yahoo.com"]
+
+
+# ---------------------------------------------------------------- a triggered run's token
+
+
+def test_run_token_shows_in_headers_and_decoded_bodies() -> None:
+    from email.utils import formataddr
+
+    from opsdrill.mail import message_text, new_run_token, recipient_regex, shows_token
+    from opsdrill.mail.message import RUN_TOKEN
+
+    token = new_run_token(datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+    assert RUN_TOKEN.fullmatch(token) and token.startswith("opsdrill-20261201090000-")
+    msg = EmailMessage()
+    msg["To"] = "probe@mailbox.test"
+    msg["Subject"] = "You're invited"
+    msg.set_content(f"Hello Probe {token},\n", cte="base64")
+    raw = msg.as_bytes()
+    assert token.encode() not in raw  # only the decoded body shows it
+    assert shows_token(raw, token) and shows_token(raw, token.upper())
+    assert not shows_token(raw, new_run_token())
+    named = EmailMessage()
+    named["To"] = formataddr((f"Prøbe {token}", "probe@mailbox.test"))  # RFC 2047-encoded
+    named.set_content("Hello")
+    assert token in message_text(named.as_bytes())
+    plus = recipient_regex("probe+{token}@mailbox.test")
+    assert plus.match(f"probe+{token}@mailbox.test") and plus.match(f"PROBE+{token}@MAILBOX.test")
+    assert not plus.match("probe+someone@mailbox.test") and not plus.match("probe@mailbox.test")
+    assert recipient_regex("probe@mailbox.test").match("Probe@Mailbox.test")
+
+
+def test_trigger_carries_the_run_token_and_a_trigger_without_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    from opsdrill.mail import AppTrigger, run_triggered_probe
+
+    trigger = AppTrigger(
+        "https://crm.example.test/api/invite?ref={token}",
+        json_body={"email": "probe+{token}@x.test", "tags": ["a", "{token}"], "n": 1},
+    )
+    run = trigger.for_run("opsdrill-1")
+    assert trigger.carries_token and run.url.endswith("?ref=opsdrill-1")
+    assert run.json_body == {
+        "email": "probe+opsdrill-1@x.test",
+        "tags": ["a", "opsdrill-1"],
+        "n": 1,
+    }
+    bare = AppTrigger("http://127.0.0.1:9/invite", json_body={"email": "probe@x.test"})
+    assert not bare.carries_token
+    mailbox = ImapMailbox("127.0.0.1", free_port(), "none", "u", "p", timeout=1)
+    with pytest.raises(ConfigError, match=r"no \{token\} in its URL or JSON body"):
+        run_triggered_probe(bare, mailbox, recipient="probe@x.test", subject_pattern="x")
+    text = INVENTORY.replace(
+        'trigger.json = { email = "probe@mailbox.test", name = "Probe {token}" }', ""
+    )
+    with pytest.raises(ConfigError) as caught:
+        _inventory(tmp_path, text)
+    message = caught.value.message
+    assert "probes.invite: trigger: no {token} in url or json" in message
+    assert "would claim another run's message" in message and "probe+{token}@" in message
+
+
+# ---------------------------------------------------------------- IMAP UID sets in batches
+
+
+def test_uid_sets_are_compact_and_batches_bounded() -> None:
+    from opsdrill.mail import uid_batches, uid_set
+
+    assert uid_set([9, 1, 2, 3, 7, 10, 11, 12, 3]) == "1:3,7,9:12"
+    assert uid_set([]) == "" and uid_set([5]) == "5"
+    spread = list(range(1, 45_001, 3))  # 15,000 UIDs, no two adjacent: no run to compress
+    assert len(",".join(map(str, spread))) > 64 * 1024  # what the old sweep sent at once
+    batches = list(uid_batches(spread))
+    assert [u for b in batches for u in b] == spread
+    assert max(len(uid_set(b)) for b in batches) <= 2000
+    assert max(len(b) for b in batches) <= 500
+    assert [uid_set(b) for b in uid_batches(range(1, 1201))] == [
+        "1:500",
+        "501:1000",
+        "1001:1200",
+    ]
+
+
+# ---------------------------------------------------------------- TLS: verify, and what to fix
+
+
+def test_untrusted_certificates_are_tls_verify_failures_naming_the_connection(
+    tmp_path: Path,
+) -> None:
+    from opsdrill.stack.mail import make_tls
+    from tests.mail_fakes import fake_tls
+
+    tls = make_tls(tmp_path / "tls")
+    with fake_tls(str(tls.cert), str(tls.key)) as port:
+        with pytest.raises(TlsVerifyFailed) as smtp_error:
+            send_probe(SmtpEndpoint("127.0.0.1", port, "tls", timeout=5), USER, USER)
+        with pytest.raises(TlsVerifyFailed) as redis_error:
+            bullmq_backlog("127.0.0.1", port, "redis-Secret-51", timeout=5, tls=True)
+        with pytest.raises(TlsVerifyFailed) as trigger_error:
+            trigger_app(f"https://127.0.0.1:{port}/invite", json_body={}, timeout=5)
+    assert smtp_error.value.endpoint == "smtp"
+    assert f"SMTP 127.0.0.1:{port}: TLS certificate verification failed: " in (
+        smtp_error.value.message
+    )
+    assert redis_error.value.endpoint == "redis" and "redis-Secret-51" not in str(redis_error.value)
+    assert f"Redis 127.0.0.1:{port}/0: TLS certificate verification failed" in (
+        redis_error.value.message
+    )
+    assert trigger_error.value.endpoint == "trigger"
+    assert "TLS certificate verification failed" in trigger_error.value.message
+    assert isinstance(smtp_error.value, TargetUnreachable)  # broken, not failed
+
+
+def test_facades_name_the_ca_file_to_set_for_an_untrusted_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    import fixtures.mail as facade
+
+    def untrusted(*args: Any, **kwargs: Any) -> Any:
+        raise TlsVerifyFailed("IMAP 127.0.0.1:993: TLS certificate ...", endpoint="imap")
+
+    def untrusted_redis(*args: Any, **kwargs: Any) -> Any:
+        raise TlsVerifyFailed("Redis 127.0.0.1:6379/0: TLS certificate ...", endpoint="redis")
+
+    monkeypatch.setattr(facade, "run_direct_probe", untrusted)
+    monkeypatch.setattr(facade, "bullmq_backlog", untrusted_redis)
+    targets = facade.mail_targets(_inventory(tmp_path))
+    (tx,) = [t for t in targets.probes if t.name == "tx"]
+    with pytest.raises(TargetUnreachable) as caught:
+        tx.result(request)
+    assert caught.value.message.startswith("IMAP 127.0.0.1:993: TLS certificate ...: the")
+    assert "(fix: set probes.tx.imap.ca_file to the PEM file of the CA that issued it" in (
+        caught.value.message
+    )
+    assert "do not set verify = false" in caught.value.message
+    (queue, _) = targets.queues
+    with pytest.raises(TargetUnreachable, match=r"fix: set queues\.email\.redis\.ca_file"):
+        queue.backlog()
+
+
+def test_insecure_tls_lists_every_connection_without_certificate_checks(tmp_path: Path) -> None:
+    from opsdrill.inventory_probe import insecure_tls
+
+    text = (
+        INVENTORY.replace(
+            'host = "127.0.0.1", tls = "none", user = "crm',
+            'host = "smtp.example.net", verify = false, user = "crm',
+        )
+        .replace(
+            'tls = "none", user = "probe@mailbox.test", password_env = "U_IMAP" }\n\n[probes.i',
+            'verify = false, user = "probe@mailbox.test", password_env = "U_IMAP" }\n\n[probes.i',
+        )
+        .replace(
+            'redis = { host = "127.0.0.1", password_env',
+            'redis = { host = "redis.example.net", tls = true, verify = false, password_env',
+        )
+    )
+    inv = _inventory(tmp_path, text)
+    assert insecure_tls(inv.model.probes, inv.model.queues) == [
+        ("probes.tx.smtp.verify", "smtp.example.net", False),
+        ("probes.tx.imap.verify", "127.0.0.1", True),
+        ("queues.email.redis.verify", "redis.example.net", False),
+    ]

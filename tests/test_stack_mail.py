@@ -329,14 +329,20 @@ def test_portal_invite_sends_the_activation_link(stack: Stack, mailbox: Mailbox)
     probe = stack.data["probes"]["portal-invite"]
     trigger, expect = probe["trigger"], probe["expect"]
     token = stack.secrets[trigger["bearer_token_env"]]
-    assert http(trigger["url"], trigger["json"], token="wrong-token") == 401
-    assert http(trigger["url"], trigger["json"], token=token) == 201
+    run = f"opsdrill-{uuid.uuid4().hex[:12]}"
+    body = {**trigger["json"], "name": trigger["json"]["name"].replace("{token}", run)}
+    assert http(trigger["url"], body, token="wrong-token") == 401
+    assert http(trigger["url"], body, token=token) == 201
     raw = mailbox.wait(INVITE_SUBJECT, header="Subject", timeout=ARRIVAL_TIMEOUT)
     try:
         assert raw is not None
         msg = message_from_bytes(raw, policy=policy.default)
         assert re.search(expect["subject_pattern"], str(msg["Subject"]))
-        assert msg["To"] == expect["to"] and dkim_tags(raw)["d"] == "example.test"
+        # the run's token, carried as the invitee's name, shows in To and in the greeting
+        assert msg["To"].addresses[0].addr_spec == expect["to"]
+        assert msg["To"].addresses[0].display_name == f"Probe {run}"
+        assert f"Hello Probe {run}," in text_of(raw)
+        assert dkim_tags(raw)["d"] == "example.test"
         links = re.findall(expect["link_pattern"], text_of(raw))
         assert len(links) == 1, text_of(raw)
         assert http(links[0]) == 200
@@ -375,6 +381,40 @@ def test_app_switches_missing_link_and_redirect(stack: Stack, mailbox: Mailbox) 
     assert set(read_env_file(env_file)) >= {"ENCRYPTION_KEY", "DATABASE_URL", "SMTP_PASSWORD"}
 
 
+def test_held_invitations_go_out_when_released(stack: Stack, mailbox: Mailbox) -> None:
+    trigger = stack.data["probes"]["portal-invite"]["trigger"]
+    token = stack.secrets[trigger["bearer_token_env"]]
+    app = stack.stack.demo_app()
+    before = app.invites_received()
+    with app.holding_invites():
+        assert http(trigger["url"], trigger["json"], token=token) == 201
+        time.sleep(0.5)
+        assert mailbox.find("INBOX", "Subject", INVITE_SUBJECT) == []  # held
+        assert app.invites_received() == before + 1
+    raw = mailbox.wait(INVITE_SUBJECT, header="Subject", timeout=ARRIVAL_TIMEOUT)
+    mailbox.delete(INVITE_SUBJECT, header="Subject")
+    assert raw is not None
+
+
+def test_planted_maildir_messages_are_indexed_with_their_delivery_time(
+    stack: Stack, mailbox: Mailbox
+) -> None:
+    dovecot = stack.stack.dovecot()
+    tag = uuid.uuid4().hex
+    raw = f"From: a@example.test\r\n{HEADER}: {tag}\r\nSubject: planted\r\n\r\nx\r\n"
+    delivered = time.time() - 7200
+    paths = dovecot.plant_messages(mail.PROBE.address, [raw.encode()] * 3, delivered=delivered)
+    try:
+        assert len(mailbox.find("INBOX", HEADER, tag)) == 3
+        uid = mailbox.find("INBOX", HEADER, tag)[0].decode()
+        typ, data = mailbox.conn.uid("FETCH", uid, "(INTERNALDATE)")
+        stamp = imaplib.Internaldate2tuple(data[0])  # type: ignore[arg-type]
+        assert typ == "OK" and stamp is not None and abs(time.mktime(stamp) - delivered) < 2
+    finally:
+        assert dovecot.remove_planted(paths) == 3
+    assert mailbox.find("INBOX", HEADER, tag) == []
+
+
 # -- Redis ------------------------------------------------------------------------------
 def test_redis_holds_the_bullmq_queue_and_helpers_change_it(stack: Stack) -> None:
     section = stack.data["queues"]["email"]
@@ -399,6 +439,34 @@ def test_redis_holds_the_bullmq_queue_and_helpers_change_it(stack: Stack) -> Non
     )
     with pytest.raises(redis.AuthenticationError):
         wrong.ping()
+
+
+def test_bullmq_from_npm_drives_a_real_queue_on_the_stacks_redis(stack: Stack) -> None:
+    """The package from package-lock.json, its Lua scripts and its Worker: every state the
+    backlog check reads is reached the way an application reaches it."""
+    from opsdrill.stack.redis_queue import BullMQ
+
+    port = stack.stack.redis().port
+    password = stack.secrets["OPSDRILL_REDIS_PASSWORD"]
+    queue = BullMQ(port, password, queue=f"t-{uuid.uuid4().hex[:8]}")
+    with queue.scratch():
+        queue.fail(3)
+        queue.add(2, delay_ms=60_000)
+        queue.add(4, priority=2)
+        queue.add(1)
+        counts = queue.pause()["counts"]
+        assert counts == {
+            "wait": 0,
+            "paused": 1,
+            "prioritized": 4,
+            "active": 0,
+            "delayed": 2,
+            "failed": 3,
+            "completed": 0,
+        }
+        client = stack.stack.redis().client(password)
+        assert client.hexists(f"bull:{queue.queue}:meta", "paused")
+    assert not any(True for _ in client.scan_iter(f"bull:{queue.queue}:*"))  # obliterated
 
 
 # -- inventory and lifecycle ------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from opsdrill.inventory import Inventory, load
@@ -23,11 +24,29 @@ def cmd_inventory_check(args: argparse.Namespace) -> int:
                 home.check_decrypts(inv, list(ids))
     if args.scope == "backup" and not args.offline:
         _preflight(inv)
+    _warn_insecure_tls(inv)
     print(
         f"{inv.path}: OK for {args.scope}: inventory {m.name!r} ({m.environment}): "
         f"{len(m.databases)} database(s), {len(m.stores)} store(s)"
     )
     return 0
+
+
+def _warn_insecure_tls(inv: Inventory) -> None:
+    """``verify = false`` towards another host is legal but never silent: the checks pass
+    while anyone on the path could pose as the server and read the password."""
+    from opsdrill.inventory_probe import insecure_tls
+
+    for key, host, loopback in insecure_tls(inv.model.probes, inv.model.queues):
+        if loopback:
+            continue
+        print(
+            f"warning: {key} = false for {host}: TLS without certificate checks, so anyone "
+            f"on the path can pose as {host} and read the password, and every check of it "
+            f"passes all the same (fix: set {key.rpartition('.')[0]}.ca_file to the CA that "
+            "issued its certificate and remove verify = false)",
+            file=sys.stderr,
+        )
 
 
 def _preflight(inv: Inventory) -> None:

@@ -25,15 +25,24 @@ from opsdrill.mail.authresults import (
     authentication_results,
     parse_header,
 )
-from opsdrill.mail.backlog import Backlog, backlog_from_client, bullmq_backlog, over_thresholds
+from opsdrill.mail.backlog import (
+    Backlog,
+    Thresholds,
+    backlog_from_client,
+    bullmq_backlog,
+    over_thresholds,
+)
 from opsdrill.mail.dkim_verify import DkimReport, DkimSignatureVerdict, aligned, verify_dkim
-from opsdrill.mail.errors import AuthRejected, MessageNotFound, ProbeFailed
+from opsdrill.mail.errors import AuthRejected, MessageNotFound, ProbeFailed, TlsVerifyFailed
 from opsdrill.mail.imap import (
     ImapMailbox,
     delete_messages,
     session,
     snapshot_uidnext,
+    sweep_stale,
     sweep_stale_probes,
+    uid_batches,
+    uid_set,
 )
 from opsdrill.mail.message import (
     PROBE_HEADER,
@@ -42,7 +51,10 @@ from opsdrill.mail.message import (
     extract_links,
     from_domain,
     header_values,
+    message_text,
+    new_run_token,
     new_token,
+    shows_token,
 )
 from opsdrill.mail.probe import (
     Analysis,
@@ -56,7 +68,15 @@ from opsdrill.mail.probe import (
 from opsdrill.mail.smtp import SendReceipt, SmtpEndpoint, send_probe, submit
 from opsdrill.mail.spam import SpamRule, SpamVerdict, parse_response, score_with_spamd
 from opsdrill.mail.trigger import LinkFetch, TriggerResponse, fetch_link, trigger_app
-from opsdrill.mail.wait import AppMessageMatch, FoundMessage, Matcher, TokenMatch, wait_for_message
+from opsdrill.mail.wait import (
+    AppMessageMatch,
+    FoundMessage,
+    Matcher,
+    TokenMatch,
+    recipient_regex,
+    sweep_orphaned_invitations,
+    wait_for_message,
+)
 
 __all__ = [
     "PROBE_HEADER",
@@ -84,6 +104,8 @@ __all__ = [
     "SpamRule",
     "SpamVerdict",
     "SpamdTarget",
+    "Thresholds",
+    "TlsVerifyFailed",
     "TokenMatch",
     "TriggerResponse",
     "aligned",
@@ -97,20 +119,28 @@ __all__ = [
     "forbidden_keys_set",
     "from_domain",
     "header_values",
+    "message_text",
+    "new_run_token",
     "new_token",
     "over_thresholds",
     "parse_header",
     "parse_response",
     "read_app_env",
+    "recipient_regex",
     "run_direct_probe",
     "run_triggered_probe",
     "score_with_spamd",
     "send_probe",
     "session",
+    "shows_token",
     "snapshot_uidnext",
     "submit",
+    "sweep_orphaned_invitations",
+    "sweep_stale",
     "sweep_stale_probes",
     "trigger_app",
+    "uid_batches",
+    "uid_set",
     "verify_dkim",
     "wait_for_message",
 ]

@@ -15,6 +15,7 @@ import ssl
 from typing import Any, Literal
 
 from opsdrill.errors import ConfigError, TargetUnreachable
+from opsdrill.mail.errors import Endpoint, TlsVerifyFailed
 
 TlsMode = Literal["starttls", "tls", "none"]
 TLS_MODES: tuple[str, ...] = ("starttls", "tls", "none")
@@ -73,10 +74,28 @@ def describe(exc: BaseException, timeout: float) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def is_cert_failure(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it wraps: urllib3 and redis-py wrap the ssl error) is a
+    certificate that did not verify, as opposed to a refused or timed-out connection."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return True
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+            return True
+        exc = getattr(exc, "reason", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
 def unreachable(
     protocol: str, host: str, port: int, doing: str, exc: BaseException, timeout: float
 ) -> TargetUnreachable:
-    return TargetUnreachable(f"{protocol} {host}:{port}: {describe(exc, timeout)} (while {doing})")
+    text = f"{protocol} {host}:{port}: {describe(exc, timeout)} (while {doing})"
+    if is_cert_failure(exc):
+        endpoint: Endpoint = "smtp" if protocol == "SMTP" else "imap"
+        return TlsVerifyFailed(text, endpoint=endpoint)
+    return TargetUnreachable(text)
 
 
 def excerpt(data: bytes | str, limit: int = 300) -> str:

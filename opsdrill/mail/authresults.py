@@ -1,4 +1,4 @@
-"""Authentication-Results (RFC 8601): parsed, and trusted only from our own servers.
+"""Authentication-Results (RFC 8601): parsed, and trusted only from the receiving side.
 
 Anyone can write an ``Authentication-Results`` header into a message they send, claiming
 ``dkim=pass``. RFC 8601 section 5 says a receiver must only believe headers whose
@@ -6,6 +6,28 @@ authserv-id is one of its own; so every header is parsed, those from a trusted
 authserv-id count, and the others are kept as evidence of what was *ignored* and why.
 (The trusted border MTA must also strip incoming headers carrying its own authserv-id,
 as RFC 8601 5 requires; no client-side parser can tell such a forgery apart.)
+
+How trust is established, per receiving provider (the headers' real shapes are in the
+unit tests):
+
+- **Google** (Gmail, Workspace) writes ``mx.google.com; dkim=pass ...``: a fixed
+  authserv-id, trusted by name (``trusted_authserv_ids = ["mx.google.com"]``), at any
+  position.
+- **Yahoo** (and AOL) name the receiving host: ``atlas212.free.mail.ne1.yahoo.com;
+  ...``, a different one per message. A wildcard ``*.yahoo.com`` matches them, and
+  because anyone can write such an id, a header trusted only through a wildcard counts
+  only when it is the *topmost* Authentication-Results header: headers are prepended, so
+  the receiving side's own is above everything the sender side wrote.
+- **Microsoft 365** (Exchange Online Protection) writes *no* authserv-id at all:
+  ``Authentication-Results: spf=pass (sender IP is 203.0.113.5) smtp.mailfrom=...``.
+  Nothing names the writer, so only position can: with ``trust_topmost_without_id``, the
+  topmost header counts when it has no authserv-id (EOP adds one to every message it
+  accepts, above the sender side's headers); any other header without an id is ignored.
+
+The grammar (RFC 8601 2.2) has ``authserv-id`` first, a ``value`` (a token or a
+quoted-string, neither of which can hold ``=``), so a header that starts with
+``method=`` has no authserv-id: that is how Microsoft's is recognised, instead of taking
+``spf=pass`` for an id that then never matches.
 
 Hand-written rather than the ``authres`` package: its last release is from 2019 (RFC
 7601), it rejects a whole header over a trailing ``;`` (which real servers emit),
@@ -61,17 +83,18 @@ class AuthResultsHeader:
     """One header: who wrote it (authserv-id), its results, whether we trust it."""
 
     index: int  # 0 = topmost (the last one added)
-    authserv_id: str
+    authserv_id: str  # "" when the header has none (Microsoft 365)
     results: tuple[AuthResult, ...]
     raw: str
     trusted: bool = False
     version: str | None = None
     errors: tuple[str, ...] = ()
+    why: str = ""  # why it is trusted, or why it is ignored
 
     def evidence(self) -> dict[str, Any]:
         return {
             "index": self.index,
-            "authserv_id": self.authserv_id,
+            "authserv_id": self.authserv_id or None,
             "trusted": self.trusted,
             "results": [r.evidence() for r in self.results],
             "errors": list(self.errors),
@@ -241,25 +264,39 @@ def _make(
     )
 
 
+_RESINFO_START = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\s*(?:/\s*[0-9]+\s*)?=")
+
+
 def parse_header(value: str, index: int = 0) -> AuthResultsHeader:
     """Parse one header's value (folded or not). Never raises: problems go to
-    ``errors``; a header whose authserv-id cannot be read gets an empty one."""
+    ``errors``. A header that starts with ``method=result`` has no authserv-id (Microsoft
+    365): its ``authserv_id`` is empty and its first result is read as one."""
     raw = " ".join(value.split())
     scan = _Scanner(raw)
     errors: list[str] = []
     scan.skip_cfws()
-    authserv_id = scan.value() if scan.peek() != ";" else ""
-    if not authserv_id:
-        errors.append("no authserv-id")
-    scan.skip_cfws()
-    version = None
-    m = re.match(r"\d+(?=[\s;(]|$)", raw[scan.pos :])
-    if m:
-        version = m.group(0)
-        scan.pos += m.end()
-    scan.take_comments()
     results: list[AuthResult] = []
+    version = None
     saw_result_section = False
+    if _RESINFO_START.match(raw, scan.pos):  # no authserv-id: a result comes first
+        authserv_id = ""
+        scan.take_comments()
+        saw_result_section = True
+        result, error = _resinfo(scan)
+        if result is not None:
+            results.append(result)
+        if error:
+            errors.append(error)
+    else:
+        authserv_id = scan.value() if scan.peek() != ";" else ""
+        if not authserv_id:
+            errors.append("no authserv-id")
+        scan.skip_cfws()
+        m = re.match(r"\d+(?=[\s;(]|$)", raw[scan.pos :])
+        if m:
+            version = m.group(0)
+            scan.pos += m.end()
+        scan.take_comments()
     while True:
         scan.skip_cfws()
         if scan.at_end():
@@ -295,6 +332,7 @@ class AuthResultsReport:
     trusted_ids: tuple[str, ...]
     trusted: tuple[AuthResultsHeader, ...]
     ignored: tuple[AuthResultsHeader, ...]
+    topmost_without_id: bool = False
 
     def results(self, method: str) -> list[AuthResult]:
         """The trusted results for ``method`` (several: one per DKIM signature, or one per
@@ -321,33 +359,74 @@ class AuthResultsReport:
     def evidence(self) -> dict[str, Any]:
         return {
             "trusted_authserv_ids": list(self.trusted_ids),
+            "trust_topmost_without_id": self.topmost_without_id,
             "by_method": self.by_method(),
-            "trusted": [h.evidence() for h in self.trusted],
-            "ignored": [
-                {
-                    **h.evidence(),
-                    "why_ignored": f"authserv-id {h.authserv_id!r} is not trusted "
-                    f"(trusted: {', '.join(self.trusted_ids) or 'none configured'})",
-                }
-                for h in self.ignored
-            ],
+            "trusted": [{**h.evidence(), "why_trusted": h.why} for h in self.trusted],
+            "ignored": [{**h.evidence(), "why_ignored": h.why} for h in self.ignored],
         }
 
 
-def parse_values(values: Iterable[str], trusted_ids: Sequence[str]) -> AuthResultsReport:
-    trusted_set = {t.strip().lower() for t in trusted_ids}
+def _matches(authserv_id: str, entry: str) -> bool:
+    """An exact id, or ``*.example.com`` matching any host under example.com."""
+    if entry.startswith("*."):
+        return authserv_id.endswith(entry[1:]) and len(authserv_id) > len(entry) - 1
+    return authserv_id == entry
+
+
+def _judge(
+    header: AuthResultsHeader, trusted_ids: Sequence[str], topmost_without_id: bool
+) -> tuple[bool, str]:
+    """(trusted?, why): by name for an exact id; by name and position (the topmost
+    header) for a wildcard or a header without an id (see the module docstring)."""
+    ident = header.authserv_id.lower()
+    listed = ", ".join(trusted_ids) or "none configured"
+    top = header.index == 0
+    if not ident:
+        if topmost_without_id and top:
+            return True, "the topmost header, without an authserv-id (trust_topmost_without_id)"
+        if topmost_without_id:
+            return False, (
+                "no authserv-id, and not the topmost header: trust_topmost_without_id trusts "
+                "only the topmost one, which the receiving side writes last"
+            )
+        return False, (
+            "no authserv-id, so nothing names its writer (Microsoft 365 writes none: set "
+            "trust_topmost_without_id = true to trust the topmost such header)"
+        )
+    exact = [e for e in trusted_ids if not e.startswith("*.") and _matches(ident, e)]
+    if exact:
+        return True, f"authserv-id {header.authserv_id!r} is trusted"
+    wild = [e for e in trusted_ids if e.startswith("*.") and _matches(ident, e)]
+    if wild and top:
+        return True, f"authserv-id {header.authserv_id!r} matches {wild[0]}, topmost header"
+    if wild:
+        return False, (
+            f"authserv-id {header.authserv_id!r} matches {wild[0]} but is not the topmost "
+            "header: a wildcard is trusted only on top, where the receiving side writes"
+        )
+    return False, f"authserv-id {header.authserv_id!r} is not trusted (trusted: {listed})"
+
+
+def parse_values(
+    values: Iterable[str], trusted_ids: Sequence[str], *, topmost_without_id: bool = False
+) -> AuthResultsReport:
+    """Parse the headers (``values`` top first) and split them by trust."""
+    ids = tuple(t.strip().lower() for t in trusted_ids if t.strip())
     trusted: list[AuthResultsHeader] = []
     ignored: list[AuthResultsHeader] = []
     for index, value in enumerate(values):
         header = parse_header(value, index)
-        if header.authserv_id.lower() in trusted_set and header.authserv_id:
-            trusted.append(replace(header, trusted=True))
+        ok, why = _judge(header, ids, topmost_without_id)
+        if ok:
+            trusted.append(replace(header, trusted=True, why=why))
         else:
-            ignored.append(header)
-    return AuthResultsReport(tuple(trusted_ids), tuple(trusted), tuple(ignored))
+            ignored.append(replace(header, why=why))
+    return AuthResultsReport(tuple(trusted_ids), tuple(trusted), tuple(ignored), topmost_without_id)
 
 
-def authentication_results(raw: bytes, trusted_ids: Sequence[str]) -> AuthResultsReport:
+def authentication_results(
+    raw: bytes, trusted_ids: Sequence[str], *, topmost_without_id: bool = False
+) -> AuthResultsReport:
     """Parse every ``Authentication-Results`` header of the raw message (top first)."""
     values = [str(v) for v in parse_headers(raw).get_all(HEADER) or []]
-    return parse_values(values, trusted_ids)
+    return parse_values(values, trusted_ids, topmost_without_id=topmost_without_id)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from opsdrill.errors import CredentialsRejected, OperationFailed
+from opsdrill.errors import CredentialsRejected, OperationFailed, TargetUnreachable
 
 # Which of the inventory's secrets a server refused (the fixtures map it to the key).
 Credential = Literal["smtp", "imap", "trigger", "redis"]
+# Which connection's TLS certificate was not trusted (the fixtures map it to ca_file).
+Endpoint = Literal["smtp", "imap", "trigger", "link", "redis"]
 
 
 class ProbeFailed(OperationFailed):
@@ -45,6 +47,16 @@ class AuthRejected(CredentialsRejected):
         self.stage = stage
         self.credential: Credential = credential
         super().__init__(f"{stage}: {message}")
+
+
+class TlsVerifyFailed(TargetUnreachable):
+    """The server's TLS certificate did not verify against the trusted CAs: nothing was
+    judged (broken). ``endpoint`` says which connection, so the fixtures can name the
+    inventory's ``ca_file`` key to fix; the message never suggests ``verify = false``."""
+
+    def __init__(self, message: str, *, endpoint: Endpoint) -> None:
+        self.endpoint: Endpoint = endpoint
+        super().__init__(message)
 
 
 class MessageNotFound(ProbeFailed):

@@ -5,7 +5,10 @@ imap-tools gives us the three connection flavours, LOGIN and folder selection; t
 commands it does not wrap the way we need (``BODY.PEEK[]`` raw bytes, which imap-tools
 does not keep; ``UID EXPUNGE``) go through its underlying ``imaplib`` client.
 
-Every socket has a timeout (``ImapMailbox.timeout``), so no command waits forever.
+Every socket has a timeout (``ImapMailbox.timeout``), so no command waits forever. A
+command naming many UIDs is sent in batches (``uid_batches``: compact sets of bounded
+length): a server refuses a command line past its limit (Dovecot: 64 KiB), and a sweep
+that sent 15,000 UIDs at once failed on every later run.
 Connection-level failures raise ``TargetUnreachable``; a rejected LOGIN raises
 ``AuthRejected`` (the probe mailbox's own credentials: broken, like unreachable); any
 other NO/BAD raises ``ProbeFailed``.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import imaplib
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -45,6 +48,10 @@ _INTERNALDATE = re.compile(
     rb'INTERNALDATE "\s?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"'
 )
 _UID = re.compile(rb"\bUID (\d+)")
+# A command's UID set stays far below any server's line limit (Dovecot 64 KiB, Gmail
+# about 10 KB), and a batch below a size whose answer stays small.
+MAX_SET_CHARS = 2000
+MAX_BATCH = 500
 _NEW_RECORD = re.compile(rb"^\d+ \(")
 
 
@@ -196,11 +203,17 @@ def _internaldate(meta: bytes) -> datetime | None:
 
 
 def uid_fetch(box: BaseMailBox, uids: Sequence[int], items: str) -> list[Fetched]:
-    """UID FETCH, parsed into records. imaplib hands back ``(meta, literal)`` tuples and
-    bare bytes; what follows a literal (``" UID 5)"``) belongs to the same record."""
-    if not uids:
-        return []
-    typ, data = box.client.uid("FETCH", ",".join(str(u) for u in uids), items)
+    """UID FETCH, parsed into records, in batches (``uid_batches``). imaplib hands back
+    ``(meta, literal)`` tuples and bare bytes; what follows a literal (``" UID 5)"``)
+    belongs to the same record."""
+    out: list[Fetched] = []
+    for batch in uid_batches(uids):
+        out.extend(_uid_fetch(box, batch, items))
+    return out
+
+
+def _uid_fetch(box: BaseMailBox, uids: Sequence[int], items: str) -> list[Fetched]:
+    typ, data = box.client.uid("FETCH", uid_set(uids), items)
     if typ != "OK":
         raise ProbeFailed(STAGE, f"IMAP FETCH {items} failed: {excerpt(repr(data))}")
     records: list[tuple[bytes, bytes | None]] = []
@@ -229,23 +242,69 @@ def fetch_raw(box: BaseMailBox, uid: int) -> Fetched | None:
     return None
 
 
-def _uid_set(uids: Iterable[int]) -> str:
-    return ",".join(str(u) for u in sorted(set(uids)))
+def uid_set(uids: Iterable[int]) -> str:
+    """An IMAP sequence set, runs compressed: ``1:3,7,9:12``."""
+    ordered = sorted(set(uids))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}:{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def uid_batches(
+    uids: Iterable[int], max_chars: int = MAX_SET_CHARS, max_count: int = MAX_BATCH
+) -> Iterator[list[int]]:
+    """``uids`` (sorted, once each) in batches of at most ``max_count`` whose compact set
+    (``uid_set``) is at most ``max_chars`` long: every command stays short."""
+    batch: list[int] = []
+    chars = 0  # len(uid_set(batch))
+    run_start = 0
+    for uid in sorted(set(uids)):
+        extends = bool(batch) and uid == batch[-1] + 1
+        if extends:  # "a" becomes "a:uid", "a:prev" becomes "a:uid"
+            prev = batch[-1]
+            drop = len(str(prev)) + 1 if prev != run_start else 0
+            grown = chars - drop + len(str(uid)) + 1
+        else:
+            grown = chars + (1 if batch else 0) + len(str(uid))
+        if batch and (len(batch) >= max_count or grown > max_chars):
+            yield batch
+            batch, extends, grown = [], False, len(str(uid))
+        if not extends:
+            run_start = uid
+        batch.append(uid)
+        chars = grown
+    if batch:
+        yield batch
 
 
 def _expunge(box: BaseMailBox, uids: Sequence[int], caps: frozenset[str]) -> None:
-    """Flag and expunge exactly ``uids``: UID EXPUNGE (UIDPLUS) where offered, so
-    messages someone else flagged \\Deleted are not expunged along with ours."""
-    uid_set = _uid_set(uids)
-    typ, data = box.client.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
-    if typ != "OK":
-        raise ProbeFailed(STAGE, f"IMAP STORE \\Deleted {uid_set} failed: {excerpt(repr(data))}")
-    if "UIDPLUS" in caps:
-        typ, data = box.client.uid("EXPUNGE", uid_set)
-    else:
-        typ, data = box.client.expunge()
-    if typ != "OK":
-        raise ProbeFailed(STAGE, f"IMAP EXPUNGE {uid_set} failed: {excerpt(repr(data))}")
+    """Flag and expunge exactly ``uids``, in batches: UID EXPUNGE (UIDPLUS) where offered,
+    so messages someone else flagged \\Deleted are not expunged along with ours."""
+    for batch in uid_batches(uids):
+        batch_set = uid_set(batch)
+        typ, data = box.client.uid("STORE", batch_set, "+FLAGS.SILENT", r"(\Deleted)")
+        if typ != "OK":
+            raise ProbeFailed(
+                STAGE, f"IMAP STORE \\Deleted {_shown(batch_set)} failed: {excerpt(repr(data))}"
+            )
+        if "UIDPLUS" in caps:
+            typ, data = box.client.uid("EXPUNGE", batch_set)
+        else:
+            typ, data = box.client.expunge()
+        if typ != "OK":
+            raise ProbeFailed(
+                STAGE, f"IMAP EXPUNGE {_shown(batch_set)} failed: {excerpt(repr(data))}"
+            )
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def delete_messages(mailbox: ImapMailbox, folder: str, uids: Sequence[int]) -> int:
@@ -255,7 +314,13 @@ def delete_messages(mailbox: ImapMailbox, folder: str, uids: Sequence[int]) -> i
     with session(mailbox) as box:
         caps = capabilities(box)
         select(box, folder, readonly=False)
-        present = [u for u in uid_search(box, f"UID {_uid_set(uids)}") if u in set(uids)]
+        wanted = set(uids)
+        present = [
+            u
+            for batch in uid_batches(uids)
+            for u in uid_search(box, f"UID {uid_set(batch)}")
+            if u in wanted
+        ]
         if present:
             _expunge(box, present, caps)
         return len(present)
@@ -275,7 +340,30 @@ def sweep_stale_probes(
 
     Age is INTERNALDATE (delivery time on the server), not the Date header a sender set.
     A message younger than the limit may belong to a probe running right now: kept.
+    Every command names a bounded batch of UIDs, however many stale messages there are.
     """
+    # HEADER with an empty string matches every message that has the field.
+    return sweep_stale(mailbox, folders, older_than_minutes, f'HEADER {header} ""', None, now=now)
+
+
+# What a sweep asks the server for a message it may delete, and how it decides locally.
+Keep = Callable[[Fetched], bool]
+
+
+def sweep_stale(
+    mailbox: ImapMailbox,
+    folders: Sequence[str],
+    older_than_minutes: float,
+    criteria: str,
+    ours: Keep | None,
+    *,
+    items: str = "(UID INTERNALDATE)",
+    now: datetime | None = None,
+) -> int:
+    """Delete the messages ``criteria`` finds that were delivered more than
+    ``older_than_minutes`` ago and that ``ours`` accepts (given ``items``, fetched for the
+    old ones only; None: all of them), in every existing folder of ``folders``. Every
+    command names a bounded batch of UIDs."""
     cutoff = (now or datetime.now(UTC)) - timedelta(minutes=older_than_minutes)
     deleted = 0
     with session(mailbox) as box:
@@ -284,13 +372,13 @@ def sweep_stale_probes(
             if not folder_exists(box, folder):
                 continue
             select(box, folder, readonly=False)
-            # HEADER with an empty string matches every message that has the field.
-            uids = uid_search(box, f'HEADER {header} ""')
             stale = [
                 r.uid
-                for r in uid_fetch(box, uids, "(UID INTERNALDATE)")
+                for r in uid_fetch(box, uid_search(box, criteria), "(UID INTERNALDATE)")
                 if r.internaldate is not None and r.internaldate < cutoff
             ]
+            if ours is not None:
+                stale = [r.uid for r in uid_fetch(box, stale, items) if ours(r)]
             if stale:
                 _expunge(box, stale, caps)
                 deleted += len(stale)

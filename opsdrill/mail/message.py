@@ -42,6 +42,13 @@ HEADERS_OF_INTEREST: tuple[str, ...] = (
     "X-Spam-Status",
     "X-Spam-Score",
 )
+# The per-run token of a triggered probe: the trigger carries it (a ``{token}`` placeholder
+# in its URL or JSON body) and the application's message shows it (the invitee's name, a
+# reference, a plus-address). Lower case and digits only: it survives an address's local
+# part, a case-folding server and a quoted-printable body unchanged.
+RUN_TOKEN_PREFIX = "opsdrill-"
+RUN_TOKEN = re.compile(r"opsdrill-\d{14}-[0-9a-f]{12}", re.I)
+PLACEHOLDER = "{token}"
 _URL = re.compile(r"""https?://[^\s<>"'`]+""", re.I)
 _TRAILING = ".,;:!?)]}>'\""
 
@@ -50,6 +57,13 @@ def new_token(now: datetime | None = None) -> str:
     """Unique per probe; starts with the UTC time so a stale one is recognisable."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
     return f"{moment:%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
+
+
+def new_run_token(now: datetime | None = None) -> str:
+    """A triggered probe's per-run token; starts with the UTC time (a stale one is
+    recognisable, and the sweep of orphaned invitations finds it by its shape)."""
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    return f"{RUN_TOKEN_PREFIX}{moment:%Y%m%d%H%M%S}-{secrets.token_hex(6)}"
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,26 @@ def _text_parts(raw: bytes) -> list[tuple[str, str]]:
 def _clean(url: str) -> str:
     """Drop what ends a sentence around a URL in plain text ("see https://x/a.")."""
     return url.rstrip(_TRAILING)
+
+
+def message_text(raw: bytes) -> str:
+    """Every header (unfolded, RFC 2047 words decoded) and every text part (transfer
+    encodings and charsets undone): what a reader sees, to look for a run's token in."""
+    msg = message_from_bytes(raw, policy=policy.default)
+    lines: list[str] = []
+    for name, value in msg.items():
+        try:
+            text = str(value)
+        except (LookupError, ValueError):  # a header the email package cannot decode
+            text = str(msg.get_all(name, [""])[0])
+        lines.append(f"{name}: {' '.join(text.split())}")
+    lines.extend(text for _, text in _text_parts(raw))
+    return "\n".join(lines)
+
+
+def shows_token(raw: bytes, token: str) -> bool:
+    """Whether the message shows ``token`` (case-insensitive) in a header or a text part."""
+    return token.lower() in message_text(raw).lower()
 
 
 def extract_links(raw: bytes, pattern: str | re.Pattern[str] | None = None) -> list[str]:

@@ -2,9 +2,10 @@
 
 Direct probe: sweep stale probes, submit a message with a fresh token over SMTP, wait
 for it over IMAP, then analyse the received copy (DKIM, Authentication-Results, spam).
-Triggered probe: snapshot the folders' UIDNEXT, make the application send (HTTP), wait
-for a message matching recipient/subject/time, extract (and optionally fetch) the link,
-analyse.
+Triggered probe: sweep orphaned invitations of earlier runs, draw a per-run token and
+put it into the trigger (its ``{token}`` placeholders), snapshot the folders' UIDNEXT,
+make the application send (HTTP), wait for a message that shows the token and matches
+recipient/subject/time, extract (and optionally fetch) the link, analyse.
 
 Error contract, so a check can always clean up and attach evidence:
 - before the message is found, failures raise: ``TargetUnreachable`` and ``AuthRejected``
@@ -21,21 +22,27 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from opsdrill.dns.resolver import Resolver
-from opsdrill.errors import OpsdrillError
+from opsdrill.errors import ConfigError, OpsdrillError
 from opsdrill.mail.authresults import AuthResultsReport, authentication_results
 from opsdrill.mail.dkim_verify import DkimReport, verify_dkim
 from opsdrill.mail.errors import MessageNotFound
 from opsdrill.mail.imap import ImapMailbox, delete_messages, snapshot_uidnext, sweep_stale_probes
-from opsdrill.mail.message import extract_links, header_values
+from opsdrill.mail.message import PLACEHOLDER, extract_links, header_values, new_run_token
 from opsdrill.mail.smtp import SendReceipt, SmtpEndpoint, send_probe
 from opsdrill.mail.spam import SpamVerdict, score_with_spamd
 from opsdrill.mail.trigger import LinkFetch, TriggerResponse, fetch_link, trigger_app
-from opsdrill.mail.wait import AppMessageMatch, FoundMessage, TokenMatch, wait_for_message
+from opsdrill.mail.wait import (
+    AppMessageMatch,
+    FoundMessage,
+    TokenMatch,
+    sweep_orphaned_invitations,
+    wait_for_message,
+)
 
 
 @dataclass(frozen=True)
@@ -60,14 +67,17 @@ class Analysis:
     """What to verify on the received copy; each part is skipped when not configured."""
 
     resolver: Resolver | None = None  # DKIM keys; None: DKIM not verified
-    trusted_authserv_ids: tuple[str, ...] = ()
+    trusted_authserv_ids: tuple[str, ...] = ()  # exact, or *.example.com (topmost only)
+    trust_topmost_without_id: bool = False  # Microsoft 365 writes no authserv-id
     dkim_strict: bool = False
     spamd: SpamdTarget | None = None
 
 
 @dataclass(frozen=True)
 class AppTrigger:
-    """The HTTP request that makes the application send mail."""
+    """The HTTP request that makes the application send mail. ``{token}`` in ``url`` or
+    in a string of ``json_body`` is replaced by the run's token (required: see
+    ``carries_token``)."""
 
     url: str
     method: str = "POST"
@@ -76,6 +86,35 @@ class AppTrigger:
     timeout: float = 10.0
     ca_file: str | None = None
     verify: bool = True
+
+    @property
+    def carries_token(self) -> bool:
+        return PLACEHOLDER in self.url or _mentions(self.json_body, PLACEHOLDER)
+
+    def for_run(self, token: str) -> AppTrigger:
+        """This request with the run's token in place of every ``{token}``."""
+        body = _substitute(self.json_body, token) if self.json_body is not None else None
+        return replace(self, url=self.url.replace(PLACEHOLDER, token), json_body=body)
+
+
+def _mentions(value: Any, text: str) -> bool:
+    if isinstance(value, str):
+        return text in value
+    if isinstance(value, Mapping):
+        return any(_mentions(v, text) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_mentions(v, text) for v in value)
+    return False
+
+
+def _substitute(value: Any, token: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(PLACEHOLDER, token)
+    if isinstance(value, Mapping):
+        return {k: _substitute(v, token) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_substitute(v, token) for v in value]
+    return value
 
 
 @dataclass
@@ -184,7 +223,9 @@ class ProbeResult:
 def _analyse(result: ProbeResult, analysis: Analysis) -> None:
     raw = result.raw
     result.headers = header_values(raw)
-    result.auth_results = authentication_results(raw, analysis.trusted_authserv_ids)
+    result.auth_results = authentication_results(
+        raw, analysis.trusted_authserv_ids, topmost_without_id=analysis.trust_topmost_without_id
+    )
     if analysis.resolver is not None:
         try:
             result.dkim = verify_dkim(raw, analysis.resolver, strict=analysis.dkim_strict)
@@ -250,22 +291,44 @@ def run_triggered_probe(
     link_timeout: float = 10.0,
     receive: ReceiveOptions | None = None,
     analysis: Analysis | None = None,
+    token: str | None = None,
 ) -> ProbeResult:
-    """Stale application messages cannot be told apart from real mail safely, so there
-    is no sweep here: the found message is deleted by ``cleanup()``."""
+    """The trigger must carry the run's token (``{token}`` in its URL or JSON body) and
+    the application's message must show it: only then is the message this run's. A
+    ``{token}`` in ``recipient`` (a plus-address) is replaced too. Messages of earlier
+    runs (showing a token's shape, addressed to ``recipient``, matching the subject) older
+    than the sweep limit are deleted first; the found message by ``cleanup()``."""
+    if not trigger.carries_token:
+        raise ConfigError(
+            "application trigger: no {token} in its URL or JSON body: the message could not "
+            "be told apart from another run's (fix: put {token} where the application "
+            "carries it into the message, e.g. the invitee's name or a plus-address)"
+        )
     receive = receive or ReceiveOptions()
+    token = token or new_run_token()
+    swept = None
+    if receive.sweep_older_than_minutes is not None:
+        swept = sweep_orphaned_invitations(
+            mailbox,
+            receive.folders,
+            receive.sweep_older_than_minutes,
+            recipient=recipient,
+            subject_pattern=subject_pattern,
+        )
+    run_trigger = trigger.for_run(token)
     floor = snapshot_uidnext(mailbox, receive.folders)
     since = datetime.now(UTC)
     response = trigger_app(
-        trigger.url,
-        trigger.method,
-        trigger.json_body,
-        trigger.bearer_token,
-        trigger.timeout,
-        ca_file=trigger.ca_file,
-        verify=trigger.verify,
+        run_trigger.url,
+        run_trigger.method,
+        run_trigger.json_body,
+        run_trigger.bearer_token,
+        run_trigger.timeout,
+        ca_file=run_trigger.ca_file,
+        verify=run_trigger.verify,
     )
-    match = AppMessageMatch(recipient, subject_pattern, since, uid_floor=floor)
+    address = recipient.replace(PLACEHOLDER, token)
+    match = AppMessageMatch(address, subject_pattern, since, token, uid_floor=floor)
     try:
         found = wait_for_message(
             mailbox,
@@ -276,7 +339,7 @@ def run_triggered_probe(
             use_idle=receive.use_idle,
         )
     except MessageNotFound as exc:
-        exc.sent = {"trigger": response.evidence()}
+        exc.sent = {"trigger": response.evidence(), "token": token}
         raise
     result = ProbeResult(
         kind="triggered",
@@ -284,7 +347,9 @@ def run_triggered_probe(
         found=found,
         accepted_utc=response.started_utc,
         accepted_monotonic=response.started_monotonic,
+        token=token,
         trigger=response,
+        swept=swept,
     )
     if link_pattern is not None:
         result.links = extract_links(found.raw, link_pattern)

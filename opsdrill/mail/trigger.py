@@ -18,8 +18,8 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 
 from opsdrill.errors import ConfigError, TargetUnreachable
-from opsdrill.mail._net import excerpt, tls_context
-from opsdrill.mail.errors import AuthRejected, ProbeFailed
+from opsdrill.mail._net import excerpt, is_cert_failure, tls_context
+from opsdrill.mail.errors import AuthRejected, Endpoint, ProbeFailed, TlsVerifyFailed
 from opsdrill.secrets import redact, register
 
 STAGE = "trigger"
@@ -88,12 +88,19 @@ def _pool(url: str, timeout: float, ca_file: str | None, verify: bool) -> urllib
     )
 
 
-def _unreachable(what: str, url: str, exc: Exception, timeout: float) -> TargetUnreachable:
+def _unreachable(
+    what: str, url: str, exc: Exception, timeout: float, endpoint: Endpoint
+) -> TargetUnreachable:
     reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
     kind = type(reason).__name__
     text = excerpt(str(reason), 200)
     if isinstance(reason, urllib3.exceptions.TimeoutError):
         text = f"timed out after {timeout:g} s"
+    if is_cert_failure(reason):
+        return TlsVerifyFailed(
+            f"{what} {redact(url)}: TLS certificate verification failed: {text}",
+            endpoint=endpoint,
+        )
     return TargetUnreachable(f"{what} {redact(url)}: {kind}: {text}")
 
 
@@ -133,7 +140,9 @@ def trigger_app(
         finally:
             response.release_conn()
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise _unreachable(f"application trigger {method.upper()}", url, exc, timeout) from None
+        raise _unreachable(
+            f"application trigger {method.upper()}", url, exc, timeout, "trigger"
+        ) from None
     answered = time.monotonic()
     result = TriggerResponse(
         method=method.upper(),
@@ -188,7 +197,7 @@ def fetch_link(
         finally:
             response.release_conn()
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise _unreachable("link", url, exc, timeout) from None
+        raise _unreachable("link", url, exc, timeout, "link") from None
     history = response.retries.history if response.retries else ()
     final = urljoin(url, response.geturl() or url)  # urllib3 may give only the path
     return LinkFetch(

@@ -4,10 +4,14 @@ One search interface, two matchers:
 
 - ``TokenMatch``: the direct probe's token, found exactly by the server
   (``SEARCH HEADER X-Opsdrill-Probe <token>``).
-- ``AppMessageMatch``: a message the application sent on its own, recognised by
-  recipient (To or Delivered-To), a subject regex and a time window; the server narrows
-  by recipient and date, we check the subject and delivery time (INTERNALDATE) locally.
-  An optional UIDNEXT snapshot taken before the trigger (``imap.snapshot_uidnext``)
+- ``AppMessageMatch``: a message the application sent on its own, recognised by the
+  run's token (which the trigger carried and the message shows: the invitee's name, a
+  reference, a plus-address), recipient (To or Delivered-To), a subject regex and a time
+  window. The server narrows by token, recipient and date; we check the token, subject
+  and delivery time (INTERNALDATE) locally on the decoded message. Recipient, subject and
+  time alone are not enough: two runs at once, or a run whose application sent nothing
+  while another run's invitation arrived, would claim a message another run owns. An
+  optional UIDNEXT snapshot taken before the trigger (``imap.snapshot_uidnext``) also
   excludes older messages without trusting clocks.
 
 The loop: every round searches each folder; between rounds it either IDLEs on INBOX (the
@@ -29,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
+from email.utils import getaddresses
 from typing import Any, Literal
 
 from imap_tools import BaseMailBox
@@ -45,10 +50,18 @@ from opsdrill.mail.imap import (
     fetch_raw,
     select,
     session,
+    sweep_stale,
     uid_fetch,
     uid_search,
 )
-from opsdrill.mail.message import PROBE_HEADER
+from opsdrill.mail.message import (
+    PLACEHOLDER,
+    PROBE_HEADER,
+    RUN_TOKEN,
+    RUN_TOKEN_PREFIX,
+    message_text,
+    shows_token,
+)
 
 Method = Literal["idle", "poll"]
 _ASCII_VALUE = re.compile(r"^[\x20-\x7e]*$")
@@ -82,6 +95,8 @@ class AppMessageMatch:
     recipient: str
     subject_pattern: str
     since: datetime
+    # The run's token: a message that does not show it belongs to someone else.
+    token: str
     # Clock difference tolerated between us and the IMAP server (INTERNALDATE is theirs).
     skew_seconds: float = 5.0
     # folder -> (UIDVALIDITY, UIDNEXT) before the trigger: only newer UIDs count.
@@ -92,6 +107,11 @@ class AppMessageMatch:
     def __post_init__(self) -> None:
         if self.since.tzinfo is None:
             raise ConfigError("AppMessageMatch.since must be timezone-aware")
+        if len(self.token.strip()) < 8:
+            raise ConfigError(
+                "AppMessageMatch.token: a per-run token of at least 8 characters is required "
+                "(without it another run's message could be claimed)"
+            )
         try:
             re.compile(self.subject_pattern)
         except re.error as exc:
@@ -103,7 +123,7 @@ class AppMessageMatch:
         day = (self.since.astimezone(UTC) - timedelta(days=1)).date()  # SINCE is date-only
         since = f"{day.day}-{MONTHS[day.month - 1]}-{day.year}"
         rcpt = _quoted(self.recipient)
-        return f"SINCE {since} OR TO {rcpt} HEADER Delivered-To {rcpt}"
+        return f"SINCE {since} TEXT {_quoted(self.token)} OR TO {rcpt} HEADER Delivered-To {rcpt}"
 
     def accepts(
         self, candidates: list[int], box: BaseMailBox, folder: str, uidvalidity: int | None
@@ -113,21 +133,67 @@ class AppMessageMatch:
             candidates = [u for u in candidates if u >= floor[1]]
         candidates = candidates[-self.max_candidates :]
         earliest = self.since - timedelta(seconds=self.skew_seconds)
-        items = "(UID INTERNALDATE BODY.PEEK[HEADER.FIELDS (SUBJECT)])"
+        # The whole message: the token may be in a header or in a (decoded) text part.
+        items = "(UID INTERNALDATE BODY.PEEK[])"
         return [r.uid for r in uid_fetch(box, candidates, items) if self._fits(r, earliest)]
 
     def _fits(self, record: Fetched, earliest: datetime) -> bool:
         if record.internaldate is None or record.internaldate < earliest:
             return False
-        headers = message_from_bytes(record.literal or b"", policy=policy.default)
+        raw = record.literal or b""
+        headers = message_from_bytes(raw, policy=policy.default)
         subject = str(headers.get("Subject", ""))
-        return re.search(self.subject_pattern, subject) is not None
+        return re.search(self.subject_pattern, subject) is not None and shows_token(raw, self.token)
 
     def describe(self) -> str:
         return (
-            f"a message to {self.recipient} with subject matching {self.subject_pattern!r} "
-            f"delivered since {self.since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+            f"a message to {self.recipient} showing this run's token {self.token} with "
+            f"subject matching {self.subject_pattern!r} delivered since "
+            f"{self.since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
         )
+
+
+def recipient_regex(template: str) -> re.Pattern[str]:
+    """``probe+{token}@example.com`` (or a plain address) as a case-insensitive regex
+    matching that address for any run's token."""
+    parts = [re.escape(p) for p in template.split(PLACEHOLDER)]
+    return re.compile("^" + RUN_TOKEN.pattern.join(parts) + "$", re.I)
+
+
+def sweep_orphaned_invitations(
+    mailbox: ImapMailbox,
+    folders: Sequence[str],
+    older_than_minutes: float,
+    *,
+    recipient: str,
+    subject_pattern: str,
+    now: datetime | None = None,
+) -> int:
+    """Delete application messages that earlier triggered runs caused and never cleaned
+    up (a crash, a message that arrived after its run gave up): older than
+    ``older_than_minutes``, showing a run token's shape (``opsdrill-<UTC time>-<hex>``),
+    addressed to ``recipient`` (a ``{token}`` in it matches any token) and with a subject
+    matching ``subject_pattern``. Real mail shows no such token, so it is never touched.
+    Returns how many were deleted."""
+    address = recipient_regex(recipient)
+    subject = re.compile(subject_pattern)
+
+    def ours(record: Fetched) -> bool:
+        raw = record.literal or b""
+        msg = message_from_bytes(raw, policy=policy.default)
+        rcpts = [a for _, a in getaddresses([str(v) for k in _RCPT for v in msg.get_all(k, [])])]
+        return (
+            subject.search(str(msg.get("Subject", ""))) is not None
+            and any(address.match(a) for a in rcpts)
+            and RUN_TOKEN.search(message_text(raw)) is not None
+        )
+
+    criteria = f"TEXT {_quoted(RUN_TOKEN_PREFIX)}"
+    items = "(UID INTERNALDATE BODY.PEEK[])"
+    return sweep_stale(mailbox, folders, older_than_minutes, criteria, ours, items=items, now=now)
+
+
+_RCPT = ("To", "Cc", "Delivered-To", "X-Original-To")
 
 
 Matcher = TokenMatch | AppMessageMatch

@@ -1,11 +1,14 @@
 """A stand-in for the CRM application: the portal invite that sends mail, end to end.
 
 ``POST /api/portal/invite`` (``Authorization: Bearer <PORTAL_API_TOKEN>``, JSON body
-``{"email": "..."}``) sends an invitation through the local Postfix submission port
-(``SMTP_URL``: STARTTLS, then AUTH as its user with ``SMTP_PASSWORD``; From ``SMTP_FROM``)
-whose body holds an activation link ``http://127.0.0.1:PORT/activate?token=<random>``, and
-answers 201. ``GET /activate?token=...`` answers 200 for a token it issued and 404
-otherwise. ``GET /health`` answers 200.
+``{"email": "...", "name": "..."}``, the name optional) sends an invitation through the
+local Postfix submission port (``SMTP_URL``: STARTTLS, then AUTH as its user with
+``SMTP_PASSWORD``; From ``SMTP_FROM``) to ``"name" <email>``, greeting the invitee by
+name, whose body holds an activation link ``http://127.0.0.1:PORT/activate?token=<random>``,
+and answers 201. The name is how a triggered probe's per-run token reaches the message,
+as it would with a real application (the probe invites "Probe <token>").
+``GET /activate?token=...`` answers 200 for a token it issued and 404 otherwise.
+``GET /health`` answers 200.
 
 Like the real application it takes its settings from its environment, the ``.env`` the
 stack writes (``DIR/app/.env``), re-read at each request so that a test editing it needs no
@@ -19,8 +22,11 @@ Test switches (``DemoApp``): ``set_redirect``/``clear_redirect`` edit ``EMAIL_RE
 in the .env; ``omit_activation_link``/``include_activation_link`` make the invitation go
 out without its link; ``failing_invites(status)`` makes the invite endpoint answer
 ``status`` (500: an application error) without sending; ``dropping_invites`` makes it
-answer 201 and send nothing (a queue worker that loses the job). The switches live in
-``controls.json`` beside the .env, read per request.
+answer 201 and send nothing (a queue worker that loses the job); ``holding_invites``
+makes it answer 201 and keep the invitation until the switch is off again (a queue whose
+worker is stopped, then restarted): tests use it to make several runs' invitations
+arrive when they choose. The switches live in ``controls.json`` beside the .env, read per
+request.
 
 Run as ``python -m opsdrill.stack.demo_app CONFIG.json``; nothing it logs holds a secret.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import html
 import json
 import os
 import secrets
@@ -37,6 +44,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -45,7 +53,7 @@ from email.message import EmailMessage
 from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from opsdrill.stack.mail import SENDER, gone, log_tail, stop_process, write_private
@@ -83,13 +91,15 @@ def _read_env(path: Path) -> dict[str, str]:
     return read_env_file(path)
 
 
-def invitation(env: dict[str, str], to: str, link: str | None) -> EmailMessage:
+def invitation(
+    env: dict[str, str], to: str, link: str | None, invitee: str | None = None
+) -> EmailMessage:
     """The portal invitation as the application renders it (and EMAIL_REDIRECT_TO bends)."""
     redirect = env.get("EMAIL_REDIRECT_TO", "").strip()
     name, sender = parseaddr(env["SMTP_FROM"])
     msg = EmailMessage()
     msg["From"] = formataddr((name or APP_NAME, sender))
-    msg["To"] = redirect or to
+    msg["To"] = redirect or formataddr((invitee or "", to))
     msg["Subject"] = f"[{to}] {INVITE_SUBJECT}" if redirect else INVITE_SUBJECT
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = make_msgid("portal-invite", domain=sender.rpartition("@")[2])
@@ -98,15 +108,16 @@ def invitation(env: dict[str, str], to: str, link: str | None) -> EmailMessage:
         if link
         else "Your account is ready for activation.\n\n"
     )
+    hello = f"Hello {invitee}," if invitee else "Hello,"
     msg.set_content(
-        f"Hello,\n\nyou have been invited to the {APP_NAME} client portal.\n\n{action}"
+        f"{hello}\n\nyou have been invited to the {APP_NAME} client portal.\n\n{action}"
         f"The link is valid for 7 days. If you did not expect this invitation, you can "
         f"ignore this email.\n\nThe {APP_NAME} team\n",
         cte="7bit",  # the link stays verbatim in the raw message; the HTML part is QP
     )
     html_action = f'<p><a href="{link}">Activate your account</a></p>' if link else ""
     msg.add_alternative(
-        f"<html><body><p>Hello,</p><p>you have been invited to the {APP_NAME} client "
+        f"<html><body><p>{html.escape(hello)}</p><p>you have been invited to the {APP_NAME} client "
         f"portal.</p>{html_action}<p>The link is valid for 7 days. If you did not expect this "
         f"invitation, you can ignore this email.</p><p>The {APP_NAME} team</p></body></html>",
         subtype="html",
@@ -132,6 +143,22 @@ class _App:
         self.ca_file = ca_file
         self.tokens: set[str] = set()
         self.lock = threading.Lock()
+        self.held: list[EmailMessage] = []  # invitations kept while hold_invites is on
+
+    def release_held(self) -> None:
+        """The "worker" of held invitations: sends them once the switch is off."""
+        while True:
+            time.sleep(0.1)
+            with self.lock:
+                if not self.held or self.controls().get("hold_invites"):
+                    continue
+                batch, self.held = self.held, []
+            env = _read_env(self.env_file)
+            for msg in batch:
+                try:
+                    send(env, msg, self.ca_file)
+                except (OSError, smtplib.SMTPException) as exc:
+                    sys.stderr.write(f"held invitation not sent: {type(exc).__name__}\n")
 
     def controls(self) -> dict[str, Any]:
         path = self.env_file.parent / CONTROLS_FILE
@@ -154,6 +181,9 @@ class _App:
         email = payload.get("email") if isinstance(payload, dict) else None
         if not isinstance(email, str) or "@" not in email or any(c in email for c in "\r\n "):
             return 400, {"error": "email: an address is required"}
+        name = payload.get("name") if isinstance(payload, dict) else None
+        if name is not None and (not isinstance(name, str) or any(c in name for c in "\r\n")):
+            return 400, {"error": "name: one line of text"}
         controls = self.controls()
         failing = controls.get("fail_invites_with")
         if isinstance(failing, int) and failing:
@@ -163,7 +193,12 @@ class _App:
         token = secrets.token_urlsafe(24)
         link = f"{self.public_url}{ACTIVATE_PATH}?token={token}"
         omit = bool(controls.get("omit_activation_link"))
-        msg = invitation(env, email, None if omit else link)
+        msg = invitation(env, email, None if omit else link, name)
+        with self.lock:
+            if controls.get("hold_invites"):  # the worker is stopped: queued, not sent
+                self.held.append(msg)
+                self.tokens.add(token)
+                return 201, {"status": "invited", "email": email}
         try:
             send(env, msg, self.ca_file)
         except (OSError, smtplib.SMTPException) as exc:
@@ -221,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     app = _App(Path(config["env_file"]), config["public_url"], config.get("ca_file"))
     server = ThreadingHTTPServer(("127.0.0.1", int(config["port"])), _handler(app))
     server.daemon_threads = True
+    threading.Thread(target=app.release_held, daemon=True).start()
     server.serve_forever()
     return 0
 
@@ -300,16 +336,20 @@ class DemoApp:
             return False
 
     # -- runtime switches (tests) ----------------------------------------------------
-    def set_redirect(self, address: str) -> None:
-        """Set EMAIL_REDIRECT_TO in the app's .env (as a forgotten dev setting would be)."""
-        self._edit_env("EMAIL_REDIRECT_TO", address)
+    def set_redirect(self, address: str, shape: RedirectShape = "plain") -> None:
+        """Set EMAIL_REDIRECT_TO in the app's .env (as a forgotten dev setting would be),
+        written as ``shape``: ``plain`` (appended ``KEY=value``), ``export-tab``
+        (``export<TAB>KEY=value``) or ``bom`` (the first line, after a UTF-8 byte-order
+        mark, as an editor on Windows saves it). The application's dotenv applies all
+        three."""
+        self._edit_env("EMAIL_REDIRECT_TO", address, shape)
 
     def clear_redirect(self) -> None:
         self._edit_env("EMAIL_REDIRECT_TO", None)
 
     @contextlib.contextmanager
-    def redirecting(self, address: str) -> Iterator[None]:
-        self.set_redirect(address)
+    def redirecting(self, address: str, shape: RedirectShape = "plain") -> Iterator[None]:
+        self.set_redirect(address, shape)
         try:
             yield
         finally:
@@ -348,6 +388,25 @@ class DemoApp:
         finally:
             self._set_control("drop_invites", False)
 
+    @contextlib.contextmanager
+    def holding_invites(self) -> Iterator[None]:
+        """Inside, the invite endpoint answers 201 and keeps the invitation; they are all
+        sent (within about 0.1 s) once the block ends, or at ``release_invites``."""
+        self._set_control("hold_invites", True)
+        try:
+            yield
+        finally:
+            self.release_invites()
+
+    def release_invites(self) -> None:
+        self._set_control("hold_invites", False)
+
+    def invites_received(self) -> int:
+        """How many invite requests the application logged (every answer counts)."""
+        if not self.logfile.exists():
+            return 0
+        return self.logfile.read_text(errors="replace").count(f"POST {INVITE_PATH} ")
+
     def _set_control(self, key: str, value: Any) -> None:
         path = self.base / CONTROLS_FILE
         data = json.loads(path.read_text()) if path.exists() else {}
@@ -356,19 +415,30 @@ class DemoApp:
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
 
-    def _edit_env(self, key: str, value: str | None) -> None:
+    def _edit_env(self, key: str, value: str | None, shape: RedirectShape = "plain") -> None:
         """Replace (or drop, for None) ``key`` in the .env, keeping every other line; the
         file is replaced atomically and stays 0600."""
-        lines = [
-            line
-            for line in self.env_file.read_text().splitlines()
-            if line.strip().removeprefix("export ").partition("=")[0].strip() != key
-        ]
-        if value is not None:
-            lines.append(f"{key}={value}")
+        text = self.env_file.read_text().removeprefix(BOM)
+        lines = [line for line in text.splitlines() if _key_of(line) != key]
+        if value is not None and shape == "bom":
+            lines.insert(0, f"{BOM}{key}={value}")
+        elif value is not None:
+            lines.append(f"export\t{key}={value}" if shape == "export-tab" else f"{key}={value}")
         tmp = self.env_file.with_name(".env.tmp")
         write_private(tmp, "\n".join(lines) + "\n")
         os.replace(tmp, self.env_file)
+
+
+BOM = "\ufeff"
+RedirectShape = Literal["plain", "export-tab", "bom"]
+
+
+def _key_of(line: str) -> str:
+    """The variable a .env line sets, as dotenv reads it (BOM, ``export`` + any blank)."""
+    text = line.removeprefix(BOM).strip()
+    if text.startswith("export") and text[6:7] in (" ", "\t"):
+        text = text[6:].lstrip()
+    return text.partition("=")[0].strip()
 
 
 if __name__ == "__main__":

@@ -239,7 +239,8 @@ def inventory_tables(
                 "trigger": {
                     "url": f"http://127.0.0.1:{app_port}{INVITE_PATH}",
                     "method": "POST",
-                    "json": {"email": PROBE.address},
+                    # the run's token reaches the message as the invitee's name
+                    "json": {"email": PROBE.address, "name": "Probe {token}"},
                     "bearer_token_env": TOKEN_ENV,
                     "timeout_seconds": 10.0,
                 },

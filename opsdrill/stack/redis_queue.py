@@ -17,12 +17,20 @@ The demo queue is healthy: nothing waiting (a worker keeps up), two completed jo
 history. A seeded waiting job would grow old as the stack runs and fail the age check of
 a long test session, so waiting jobs exist only when a test adds them with
 ``add_waiting_jobs`` (backdated as it likes) and removes them with ``clear_waiting``.
+
+``BullMQ`` drives a queue with the real ``bullmq`` package from npm (``bullmq/queue.mjs``
+under Node: its own Lua scripts and its own Worker), for what hand-written keys cannot
+prove: delayed jobs becoming due with no worker to promote them, jobs a worker failed,
+a queue paused through ``Queue.pause()``. It needs ``node`` and ``node_modules`` (``make
+test`` installs them from package-lock.json).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -224,6 +232,98 @@ class BullQueue:
         )
         self.client.xadd(self.key("events"), {"event": "added", "jobId": job, "name": name})
         return job
+
+
+SCRIPT = Path(__file__).resolve().parent / "bullmq" / "queue.mjs"
+NODE_TIMEOUT = 120.0
+
+
+class BullMQ:
+    """A queue of the stack's Redis driven by BullMQ itself (see the module docstring)."""
+
+    def __init__(self, port: int, password: str, queue: str = QUEUE, prefix: str = PREFIX):
+        self.port = port
+        self.password = password
+        self.queue = queue
+        self.prefix = prefix
+
+    def run(self, action: str, **args: Any) -> dict[str, Any]:
+        """``queue.mjs ACTION ARGS``: the action's result and BullMQ's own counts
+        (``getJobCounts``) afterwards, under ``counts``."""
+        node = shutil.which("node")
+        if node is None:
+            raise RuntimeError("node is missing (make system installs it; make test needs it)")
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "BULLMQ_REDIS_PORT": str(self.port),
+            "BULLMQ_REDIS_PASSWORD": self.password,
+            "BULLMQ_QUEUE": self.queue,
+            "BULLMQ_PREFIX": self.prefix,
+        }
+        proc = subprocess.run(
+            [node, str(SCRIPT), action, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            timeout=NODE_TIMEOUT,
+            env=env,
+            cwd=SCRIPT.parent,
+        )
+        if proc.returncode != 0:
+            hint = (
+                " (is node_modules installed? make test runs npm ci)"
+                if ("ERR_MODULE_NOT_FOUND" in proc.stderr)
+                else ""
+            )
+            raise RuntimeError(f"bullmq {action} failed{hint}: {proc.stderr.strip()[-2000:]}")
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
+
+    def add(
+        self,
+        count: int,
+        *,
+        delay_ms: int = 0,
+        priority: int | None = None,
+        age_seconds: float = 0.0,
+    ) -> dict[str, Any]:
+        """``count`` jobs through ``Queue.addBulk``, created ``age_seconds`` ago (a delayed
+        job is due at creation + ``delay_ms``: in the past when the age is larger)."""
+        args: dict[str, Any] = {"count": count, "delay": delay_ms, "ageSeconds": age_seconds}
+        if priority is not None:
+            args["priority"] = priority
+        return self.run("add", **args)
+
+    def fail(self, count: int) -> dict[str, Any]:
+        """``count`` jobs that a real Worker takes and fails (one attempt each)."""
+        return self.run("work", count=count, fail=True)
+
+    def complete(self, count: int) -> dict[str, Any]:
+        return self.run("work", count=count, fail=False)
+
+    def take(self, count: int) -> dict[str, Any]:
+        """``count`` jobs a Worker takes and then dies with: they stay active."""
+        return self.run("take", count=count)
+
+    def pause(self) -> dict[str, Any]:
+        return self.run("pause")
+
+    def resume(self) -> dict[str, Any]:
+        return self.run("resume")
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = self.run("counts")["counts"]
+        return counts
+
+    def obliterate(self) -> None:
+        self.run("obliterate")
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[BullMQ]:
+        """This queue, obliterated (every key removed by BullMQ) when the block ends."""
+        try:
+            yield self
+        finally:
+            self.obliterate()
 
 
 def _invite() -> dict[str, Any]:
