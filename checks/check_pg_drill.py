@@ -8,9 +8,9 @@ import pytest
 from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json, attach_text, table
 from fixtures.targets import PgBackupTarget
 from opsdrill.backup import live_endpoint
+from opsdrill.drill import DrillReport, pick_for_drill
 from opsdrill.errors import OperationFailed, RefusedError, TargetUnreachable
 from opsdrill.manifest import Manifest
-from opsdrill.restore import DrillReport, pick_backup
 from opsdrill.sandbox_guard import (
     SandboxIsProduction,
     SandboxRefused,
@@ -39,8 +39,12 @@ pytestmark = [pytest.mark.backups, pytest.mark.drill]
 
 
 def _report(pg_target: PgBackupTarget, check: Check) -> DrillReport:
+    """The one drill of this run (the facade runs it once per process): every drill check
+    attaches the same "drill" evidence, which names the scratch database it restored."""
     try:
-        return pg_target.drill()
+        report = pg_target.drill()
+        attach_json("drill", report.evidence())
+        return report
     except SandboxUnproven:
         raise  # the sandbox's identity could not be established: broken, not a verdict
     except RefusedError as exc:
@@ -62,7 +66,7 @@ def check_sandbox_is_not_production(pg_target: PgBackupTarget) -> None:
     restoring: Manifest | None = None
     notes: list[str] = []
     try:  # the manifest the drill would restore; without it, live alone can still judge
-        _, restoring = pick_backup(pg_target.inv, pg_target.name, None)
+        restoring = pick_for_drill(pg_target.inv, pg_target.name, None).manifest
     except (OperationFailed, TargetUnreachable) as exc:
         notes.append(f"no manifest to compare with: {exc.message}")
     manifests = guard_manifests(pg_target.inv, pg_target.name, restoring, notes)
@@ -84,6 +88,8 @@ def check_drill_restores_exactly(pg_target: PgBackupTarget) -> None:
     allure.dynamic.title(f"{pg_target.name} newest backup restores and matches its manifest")
     report = _report(pg_target, RESTORE)
     allure.dynamic.parameter("backup", report.backup_id)
+    if report.passed_over:  # never silently an older backup (completeness fails on these)
+        allure.dynamic.parameter("newer_passed_over", len(report.passed_over))
     attach_json("manifest summary", report.manifest.summary())
     attach_text("row counts: manifest vs restored", table(report.comparison.rows))
     if report.notes:

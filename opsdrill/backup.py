@@ -1,10 +1,16 @@
 """``opsdrill backup``: pg_dump -> compress -> encrypt -> S3 multipart upload, streamed.
 
 Order of events, chosen so that nothing incomplete ever looks good:
+0. take the database's lock on the live server (locks.py: one backup of a database at a
+   time, on every host; exit 75 naming the holder), then abort the multipart uploads a
+   killed run of this database left open (uploads.sweep);
 1. export a snapshot; pg_dump uses it and the manifest's counts are taken inside it;
-2. stream the dump into a multipart upload; any failed stage aborts the upload;
+2. stream the dump into a multipart upload under a key no other run has (the id carries a
+   random nonce) and that is never overwritten (conditional writes); any failure, an
+   interrupt included, aborts the upload;
 3. check the stored object's size against what we sent;
-4. upload the manifest last. Only object + manifest together count as a backup.
+4. upload the manifest last, conditionally too. Only object + manifest together count as
+   a backup.
 
 Exit codes follow from the error types: a failing stage (pg_dump, the compressor, gpg, a
 short object) is ``OperationFailed`` (1); a store that cannot be reached or refuses
@@ -15,17 +21,17 @@ error (2), like a database that is down or refuses the backup role's password.
 from __future__ import annotations
 
 import contextlib
-import io
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
-from opsdrill import __version__, catalog
+from opsdrill import __version__, catalog, locks, uploads
 from opsdrill.errors import (
     ConfigError,
     OperationFailed,
@@ -36,7 +42,8 @@ from opsdrill.errors import (
 from opsdrill.gpg import GpgHome
 from opsdrill.inventory import Database, Inventory, Store
 from opsdrill.manifest import Manifest
-from opsdrill.pg import Endpoint, collect_stats, database_endpoint, server_info
+from opsdrill.pg import Endpoint, database_endpoint, server_info
+from opsdrill.pgstats import collect_stats, read_sequences
 from opsdrill.pipeline import HashingReader, Pipeline, Stage
 from opsdrill.preflight import check_privileges
 from opsdrill.progress import Progress
@@ -87,7 +94,51 @@ def require_tool(stage: Stage) -> None:
 
 
 def run_backup(
-    inv: Inventory, name: str, *, now: datetime | None = None, progress: Progress | None = None
+    inv: Inventory,
+    name: str,
+    *,
+    now: datetime | None = None,
+    progress: Progress | None = None,
+    note: uploads.Say = uploads.say_on_stderr,
+    on_sweep: Callable[[uploads.Swept], None] | None = None,
+) -> Manifest:
+    """Back up ``databases.NAME`` holding its lock (``LockHeld``, exit 75, if another run
+    has it); first sweep what an interrupted run left. ``note`` gets one line per thing
+    swept or left (stderr by default), ``on_sweep`` what the sweep found."""
+    with locks.database_lock(live_endpoint(inv, name), "backup", name):
+        swept = sweep_stale_uploads(inv, name, note)
+        if swept is not None and on_sweep is not None:
+            on_sweep(swept)
+        return _backup(inv, name, now=now, progress=progress, note=note)
+
+
+def sweep_stale_uploads(inv: Inventory, name: str, note: uploads.Say) -> uploads.Swept | None:
+    """Abort the open multipart uploads of this database's backups. Only while holding the
+    database's lock: then no other run can be uploading under its prefix. Housekeeping:
+    a store that cannot be listed is said, and the backup goes on (its upload then meets
+    the same store)."""
+    store_name, store = inv.store_for(name)
+    prefix = catalog.db_prefix(store, name)
+    try:
+        return uploads.sweep(
+            client(inv, store),
+            store.bucket,
+            prefix,
+            lambda key: catalog.is_backup_key(name, key),
+            f"a backup of {name}",
+            note,
+        )
+    except S3_ERRORS as exc:
+        note(
+            f"could not look for stale multipart uploads under {prefix}: "
+            f"{unreachable(store_name, store, exc).message} (the backup key pair needs "
+            "s3:ListBucketMultipartUploads and s3:AbortMultipartUpload)"
+        )
+        return None
+
+
+def _backup(
+    inv: Inventory, name: str, *, now: datetime | None, progress: Progress | None, note: uploads.Say
 ) -> Manifest:
     db = inv.database(name)
     store_name, store = inv.store_for(name)
@@ -95,7 +146,10 @@ def run_backup(
     taken_at = (now or datetime.now(UTC)).replace(microsecond=0)
     started = time.monotonic()
     s3 = client(inv, store)
-    key = catalog.data_key(store, name, taken_at, db.compression, db.encrypt)
+    # The nonce keeps two runs that start in the same second apart (one on another host
+    # through another inventory, or one right after another): never the same keys.
+    nonce = catalog.new_nonce()
+    key = catalog.data_key(store, name, taken_at, db.compression, db.encrypt, nonce)
     progress = progress or Progress(f"backup {name}")
     require_tool(compress_stage(db))
 
@@ -144,11 +198,15 @@ def run_backup(
             if db.encrypt:
                 stages.append(Stage("encrypt (gpg)", home.encrypt_argv(list(key_ids))))
             with ThreadPoolExecutor(1) as pool:
-                stats_future = pool.submit(collect_stats, snap_conn, db.content_hashes)
+                # Sequences first, before pg_dump reads its own: see read_sequences.
+                sequences = read_sequences(snap_conn)
+                stats_future = pool.submit(
+                    collect_stats, snap_conn, db.content_hashes, sequences=False
+                )
                 pipeline = Pipeline(stages)
                 try:
                     reader = HashingReader(pipeline, on_bytes=progress.add)
-                    _upload(s3, store_name, store, key, reader, name, db)
+                    _upload(s3, store_name, store, key, reader, name, db, note)
                 finally:
                     pipeline.close()
                     progress.done()
@@ -178,7 +236,7 @@ def run_backup(
             )
         assert inv.model.gpg is not None or not db.encrypt
         manifest = Manifest(
-            id=catalog.backup_id(name, taken_at),
+            id=catalog.backup_id(name, taken_at, nonce),
             database=name,
             taken_at=taken_at.isoformat(),
             finished_at=datetime.now(UTC).replace(microsecond=0).isoformat()
@@ -205,20 +263,18 @@ def run_backup(
             },
             tools=tool_versions(["pg_dump", db.compression, *(["gpg"] if db.encrypt else [])]),
             tables=stats.tables,
-            sequences=stats.sequences,
+            sequences=sequences,
             large_objects=stats.large_objects,
             duration_seconds=round(time.monotonic() - started, 3),
         )
-    manifest_key = catalog.manifest_key(store, name, taken_at)
+    manifest_key = catalog.manifest_key(store, name, taken_at, nonce)
     body = manifest.to_json()
     try:
-        s3.put_object(
-            store.bucket, manifest_key, io.BytesIO(body), len(body), content_type="application/json"
-        )
+        uploads.put_new(s3, store.bucket, manifest_key, body, "application/json")
     except S3_ERRORS as exc:
         _discard(s3, store.bucket, key)  # best effort: without a manifest it never counts
         raise _store_error(store_name, store, exc, f"manifest upload {manifest_key}") from None
-    except BaseException:
+    except BaseException:  # KeyExists included: the data object is ours (its key is new)
         _discard(s3, store.bucket, key)
         raise
     return manifest
@@ -232,36 +288,36 @@ def _upload(
     reader: HashingReader,
     name: str,
     db: Database,
+    note: uploads.Say,
 ) -> None:
-    """Stream the pipeline into a multipart upload; minio aborts the upload on any error.
+    """Stream the pipeline into a new object; any failure aborts the multipart upload.
 
-    A failed stage surfaces as its ``OperationFailed`` (exit 1). A store error (down,
-    dropped mid-upload, timed out, our key refused) becomes the store's ``unreachable``
-    error (exit 2); if the stage failed first and the abort then could not reach the store,
-    the stage's failure is the one reported.
+    A failed stage surfaces as its ``OperationFailed`` (exit 1), also when the abort then
+    could not reach the store (``note`` says so; the next backup sweeps it). A store error
+    (down, dropped mid-upload, timed out, our key refused) becomes the store's
+    ``unreachable`` error (exit 2); a key that exists, ``KeyExists`` (2).
     """
     try:
-        s3.put_object(
+        uploads.upload_stream(
+            s3,
             store.bucket,
             key,
             reader,
-            length=-1,
             part_size=PART_SIZE,
             # Two parts in flight keep the link busy; each one is buffered, so this (with
             # PART_SIZE) is what bounds the process's memory: ~120 MiB whatever the size.
-            num_parallel_uploads=2,
+            parallel=2,
             content_type="application/octet-stream",
             metadata={
                 "opsdrill-database": name,
                 "opsdrill-compression": db.compression,
                 "opsdrill-encrypted": str(db.encrypt).lower(),
             },
+            note=note,
         )
     except OpsdrillError:
-        raise  # a pipeline stage failed; minio already aborted the multipart upload
+        raise  # a pipeline stage failed, or the key exists; the upload was aborted
     except S3_ERRORS as exc:
-        if isinstance(exc.__context__, OpsdrillError):
-            raise exc.__context__ from None  # the stage failed; the abort then failed too
         raise _store_error(store_name, store, exc, f"upload of {key}") from None
 
 

@@ -1,13 +1,17 @@
 """Where backups live in the bucket, and reading them back.
 
-Layout: ``PREFIX/DB/YYYY/MM/DD/DB-YYYYMMDDTHHMMSSZ.dump[.zst|.gz][.gpg]`` plus
-``...Z.manifest.json`` beside it. The timestamp is when the backup started (UTC), so
-listing sorts chronologically and retention can judge from keys alone.
+Layout: ``PREFIX/DB/YYYY/MM/DD/DB-YYYYMMDDTHHMMSSZ-NONCE.dump[.zst|.gz][.gpg]`` plus
+``...-NONCE.manifest.json`` beside it. The timestamp is when the backup started (UTC), so
+listing sorts chronologically and retention can judge from keys alone; the nonce (6 random
+hex digits) keeps two runs that start in the same second apart, so no run ever takes
+another's keys. Ids without a nonce (``DB-YYYYMMDDTHHMMSSZ``, written before it existed)
+are read the same way.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,10 +26,14 @@ from opsdrill.inventory import Store
 from opsdrill.manifest import Manifest, ManifestInvalid
 
 TS_FORMAT = "%Y%m%dT%H%M%SZ"
-_KEY = re.compile(
-    r"(?P<id>(?P<name>[^/]+)-(?P<ts>\d{8}T\d{6}Z))"
-    r"(?P<suffix>\.manifest\.json|\.dump(?:\.zst|\.gz)?(?:\.gpg)?)$"
+NONCE_BYTES = 3  # 6 hex digits: two runs in one second collide once in 16.7 million
+# An id, as the start of a key's last segment: ``NAME-TIMESTAMP`` and, since issue 11,
+# ``-NONCE``. Shared with the secrets bundles (envbundle.py), which are laid out the same.
+ID_PATTERN = (
+    r"(?P<id>(?P<name>[^/]+)-(?P<ts>\d{8}T\d{6}Z)"
+    rf"(?:-(?P<nonce>[0-9a-f]{{{2 * NONCE_BYTES}}}))?)"
 )
+_KEY = re.compile(ID_PATTERN + r"(?P<suffix>\.manifest\.json|\.dump(?:\.zst|\.gz)?(?:\.gpg)?)$")
 MANIFEST_SUFFIX = ".manifest.json"
 MAX_MANIFEST = 16 * 1024 * 1024
 # Parallel manifest GETs when judging every stored backup (prune, the retention audit): a
@@ -61,25 +69,44 @@ def db_prefix(store: Store, database: str) -> str:
     return f"{base}/{database}/" if base else f"{database}/"
 
 
-def backup_id(database: str, taken_at: datetime) -> str:
-    return f"{database}-{taken_at.astimezone(UTC).strftime(TS_FORMAT)}"
+def new_nonce() -> str:
+    """A fresh nonce for a new backup's id (``backup_id``)."""
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def backup_id(database: str, taken_at: datetime, nonce: str | None = None) -> str:
+    """``DB-YYYYMMDDTHHMMSSZ-NONCE``; without a nonce, the old form (how backups written
+    before issue 11 are named, and what tests plant to stand for them)."""
+    ts = f"{database}-{taken_at.astimezone(UTC).strftime(TS_FORMAT)}"
+    return f"{ts}-{nonce}" if nonce else ts
 
 
 def data_key(
-    store: Store, database: str, taken_at: datetime, compression: str, encrypted: bool
+    store: Store,
+    database: str,
+    taken_at: datetime,
+    compression: str,
+    encrypted: bool,
+    nonce: str | None = None,
 ) -> str:
     ext = ".dump" + {"zstd": ".zst", "gzip": ".gz", "none": ""}[compression]
     ext += ".gpg" if encrypted else ""
-    return _dated(store, database, taken_at) + ext
+    return _dated(store, database, taken_at, nonce) + ext
 
 
-def manifest_key(store: Store, database: str, taken_at: datetime) -> str:
-    return _dated(store, database, taken_at) + MANIFEST_SUFFIX
+def manifest_key(store: Store, database: str, taken_at: datetime, nonce: str | None = None) -> str:
+    return _dated(store, database, taken_at, nonce) + MANIFEST_SUFFIX
 
 
-def _dated(store: Store, database: str, taken_at: datetime) -> str:
+def _dated(store: Store, database: str, taken_at: datetime, nonce: str | None) -> str:
     t = taken_at.astimezone(UTC)
-    return f"{db_prefix(store, database)}{t:%Y/%m/%d}/{backup_id(database, t)}"
+    return f"{db_prefix(store, database)}{t:%Y/%m/%d}/{backup_id(database, t, nonce)}"
+
+
+def is_backup_key(database: str, key: str) -> bool:
+    """Whether ``key`` names a backup object or manifest of ``database`` (any id form)."""
+    m = _KEY.search(key.rsplit("/", 1)[-1])
+    return m is not None and m["name"] == database
 
 
 @dataclass
@@ -93,11 +120,13 @@ class Pair:
 
 
 def pair_objects(objects: Iterable[Any], pattern: re.Pattern[str], owner: str) -> list[Pair]:
-    """Group ``<owner>-<timestamp><suffix>`` objects by id, oldest first.
+    """Group ``<owner>-<timestamp>[-<nonce>]<suffix>`` objects by id, oldest first (ids of
+    one second in id order: a stable order, not the order they were taken in).
 
     ``pattern`` matches a key's last segment with groups ``id``, ``name``, ``ts`` and
-    ``suffix``; the manifest is the object whose suffix is ``.manifest.json``. Shared by
-    database backups and secrets bundles, which are laid out the same way.
+    ``suffix`` (``ID_PATTERN`` + a suffix); the manifest is the object whose suffix is
+    ``.manifest.json``. Shared by database backups and secrets bundles, which are laid out
+    the same way.
     """
     pairs: dict[str, Pair] = {}
     for obj in objects:
@@ -110,7 +139,7 @@ def pair_objects(objects: Iterable[Any], pattern: re.Pattern[str], owner: str) -
             pair.manifest = obj
         else:
             pair.data = obj
-    return sorted(pairs.values(), key=lambda p: p.taken_at)
+    return sorted(pairs.values(), key=lambda p: (p.taken_at, p.id))
 
 
 def parse_objects(database: str, objects: Iterable[Any]) -> list[BackupRef]:

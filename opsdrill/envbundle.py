@@ -3,8 +3,9 @@
 A restored database is useless without the key its columns were encrypted with. The env is
 encrypted to the [gpg] recipients beside a manifest of salted value fingerprints (never
 values), so a check can prove the off-site copy holds the live key without showing either.
-Layout mirrors catalog.py: ``STORE_PREFIX/BUNDLE_PREFIX/NAME/YYYY/MM/DD/NAME-TS.env.gpg`` +
-``...TS.manifest.json``; only both count. The payload is the source text verbatim.
+Layout mirrors catalog.py: ``STORE_PREFIX/BUNDLE_PREFIX/NAME/YYYY/MM/DD/NAME-TS-NONCE.env.gpg``
++ ``...-NONCE.manifest.json`` (ids without the nonce, from before it, are read too); only
+both count. The payload is the source text verbatim.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from minio import Minio
 
 from opsdrill import envfile
-from opsdrill.catalog import MANIFEST_SUFFIX, TS_FORMAT, pair_objects
+from opsdrill.catalog import ID_PATTERN, MANIFEST_SUFFIX, backup_id, new_nonce, pair_objects
 from opsdrill.errors import ConfigError, OperationFailed, TargetUnreachable
 from opsdrill.gpg import GpgHome, import_drill_key, inspect
 from opsdrill.inventory import Gpg, Inventory, Store
@@ -40,9 +41,7 @@ DATA_SUFFIX = ".env.gpg"
 GPG_TIMEOUT = 60.0
 MAX_OBJECT = 4 * 1024 * 1024  # an env file is kilobytes; anything bigger is not one of ours
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_KEY = re.compile(
-    r"(?P<id>(?P<name>[^/]+)-(?P<ts>\d{8}T\d{6}Z))(?P<suffix>\.env\.gpg|\.manifest\.json)$"
-)
+_KEY = re.compile(ID_PATTERN + r"(?P<suffix>\.env\.gpg|\.manifest\.json)$")
 
 
 @dataclass
@@ -117,9 +116,11 @@ def backup_bundle(inv: Inventory, name: str, *, now: datetime | None = None) -> 
     if not (packets.encrypted_data and set(packets.recipient_key_ids) <= offered):
         raise OperationFailed("encrypt", "gpg output is not encrypted to the recipients")
     salt = secrets.token_hex(16)
-    base = f"{prefix}{taken_at:%Y/%m/%d}/{name}-{taken_at.strftime(TS_FORMAT)}"
+    # A nonce in the id, as for database backups: two runs in one second never share keys.
+    bundle_id = backup_id(name, taken_at, new_nonce())
+    base = f"{prefix}{taken_at:%Y/%m/%d}/{bundle_id}"
     manifest = BundleManifest(
-        id=f"{name}-{taken_at.strftime(TS_FORMAT)}",
+        id=bundle_id,
         name=name,
         taken_at=taken_at.isoformat(),
         object={

@@ -31,7 +31,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from opsdrill import restore, workspace
+from opsdrill import scratch, workspace
 from opsdrill.errors import ConfigError
 from opsdrill.pg import Endpoint
 from tests.conftest import ROOT, Env, Stack, derive, opsdrill
@@ -436,7 +436,7 @@ def test_the_drill_drops_only_scratch_databases_provably_abandoned(stack: Stack)
     old, now = "20000101000000", time.strftime("%Y%m%d%H%M%S", time.gmtime())
 
     def owned(owner: workspace.Owner) -> str:
-        return restore.SCRATCH_COMMENT + owner.to_json()
+        return scratch.SCRATCH_COMMENT + owner.to_json()
 
     dead = workspace.Owner("drill", me.host, gone, None, me.started)
     other_recent = workspace.Owner("drill", "another-host", 1, None, me.started)
@@ -460,7 +460,7 @@ def test_the_drill_drops_only_scratch_databases_provably_abandoned(stack: Stack)
             stack.secrets["OPSDRILL_SANDBOX_PG_PASSWORD"],
         )
         said: list[str] = []
-        restore.sweep_scratch(sandbox, said.append)
+        scratch.sweep_scratch(sandbox, said.append)
         left = scratch_names(stack)
         assert set(dropped) & left == set() and set(kept) <= left
         ours = [line for line in said if tag in line]
@@ -561,7 +561,7 @@ def test_drop_database_waits_out_autovacuum_as_a_non_superuser(stack: Stack) -> 
                 f"postgresql://{role}@127.0.0.1:{sandbox_port(stack)}/postgres",
                 password,
             )
-            restore.drop_database(server, dbname)
+            scratch.drop_database(server, dbname)
             row = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
             assert row.fetchone() is None
         finally:
@@ -583,7 +583,7 @@ def test_a_database_still_held_is_named_with_what_holds_it(stack: Stack) -> None
         with sandbox_conn(stack, dbname, watcher, password) as holder:
             pid = holder.info.backend_pid
             with pytest.raises(ConfigError) as info:
-                restore.drop_database(server, dbname, within=1.0)
+                scratch.drop_database(server, dbname, within=1.0)
         message = info.value.message
         assert f"could not drop database {dbname}" in message
         assert f"held by pid {pid} (a session of role {watcher})" in message

@@ -5,27 +5,49 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from opsdrill import metrics
 from opsdrill.cli.common import databases_in, inventory_for
 from opsdrill.errors import ConfigError, OpsdrillError, RefusedError
 from opsdrill.inventory import Inventory
 
+if TYPE_CHECKING:
+    from opsdrill.drill import DrillReport
+
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    """Each database in turn. One whose lock another run holds is skipped (said on stderr)
+    and the others still run; the command then exits 75 (``LockHeld``) if none failed."""
     from opsdrill.backup import run_backup
+    from opsdrill.errors import LockHeld
+    from opsdrill.uploads import Swept
 
     inv = inventory_for(args, scope="backup")
-    for name in databases_in(inv, args.database):
-        manifest = run_backup(inv, name)
+    skipped: list[LockHeld] = []
+    names = databases_in(inv, args.database)
+    for name in names:
+        swept: list[Swept] = []
+        try:
+            manifest = run_backup(inv, name, on_sweep=swept.append)
+        except LockHeld as exc:
+            if len(names) == 1:
+                raise
+            print(f"opsdrill: {exc.message}", file=sys.stderr)
+            skipped.append(exc)
+            continue
         metrics.add_bytes(int(manifest.object["size"]))
+        aborted = sum(len(found.aborted) for found in swept)
+        also = f"; swept {aborted} stale upload{'s' if aborted > 1 else ''}" if aborted else ""
         print(
             f"backup {manifest.id}: {manifest.object['size']} bytes, "
             f"sha256 {manifest.object['sha256'][:16]}..., "
             f"{sum(t['rows'] for t in manifest.tables.values())} rows in "
             f"{len(manifest.tables)} tables, {manifest.duration_seconds:.1f}s "
-            f"-> {manifest.object['key']}"
+            f"-> {manifest.object['key']}{also}"
         )
+    if skipped:
+        raise LockHeld(f"{len(skipped)} of {len(names)} databases skipped (above): locked")
     return 0
 
 
@@ -62,23 +84,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from opsdrill import restore
+    from opsdrill.drill import drill
 
     inv = inventory_for(args)
     if args.drill:
-        report = restore.drill(inv, args.database, backup_id=args.backup, live_required=False)
+        report = drill(inv, args.database, backup_id=args.backup, live_required=False)
         metrics.add_bytes(int(report.manifest.object["size"]))
         print(drill_summary(report))
         return 0 if report.ok else 1
     return restore_interactive(inv, args)
 
 
-def drill_summary(report: object) -> str:
-    from opsdrill.restore import DrillReport
-
-    assert isinstance(report, DrillReport)
+def drill_summary(report: DrillReport) -> str:
     lines = [
-        f"drill {report.database}: backup {report.backup_id} restored into sandbox "
+        f"drill {report.database}: backup {report.backup_id}"
+        + (
+            f" (NOT the newest: {len(report.passed_over)} newer passed over, see notes)"
+            if report.passed_over
+            else ""
+        )
+        + " restored into sandbox "
         f"{report.sandbox} in {report.restore_seconds:.1f}s, verified in "
         f"{report.verify_seconds:.1f}s, total {report.total_seconds:.1f}s "
         f"(RTO {report.rto_seconds:.0f}s: {'met' if report.within_rto else 'MISSED'})",
@@ -96,6 +121,7 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     """A production restore: into a NEW database, the old one kept for swapping back."""
     from opsdrill import restore
     from opsdrill.pg import Endpoint
+    from opsdrill.scratch import create_database, drop_database
 
     db = inv.database(args.database)
     ref, manifest = restore.pick_backup(inv, args.database, args.backup)
@@ -130,7 +156,7 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
                 f"Not confirmed: the name typed was not {args.database!r}; nothing was "
                 f"changed (fix: run it again and type {args.database})"
             )
-    restore.create_database(server, new_name)
+    create_database(server, new_name)
     target = server.with_dbname(new_name)
     try:
         result = restore.restore_into(
@@ -147,7 +173,7 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
         # The database is ours (created above) and half-restored: remove it so a retry
         # starts clean, and say so.
         try:
-            restore.drop_database(server, new_name)
+            drop_database(server, new_name)
         except OpsdrillError as exc:
             print(
                 f"Restore failed, and dropping the partial database {new_name!r} failed too "

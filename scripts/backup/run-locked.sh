@@ -53,6 +53,13 @@ if ! command -v "$bin" >/dev/null 2>&1; then
   exit 2
 fi
 
+# Two locks, one exit code. This flock is per command and per host: it keeps a run that
+# outlasts its cron slot from piling up behind itself. `opsdrill backup` also locks each
+# database itself, on the live server (a PostgreSQL advisory lock): that one holds across
+# hosts and for runs started by hand, and a run that finds it taken exits 75 as well,
+# naming the holder. Keep both: the flock skips before opsdrill even starts; the
+# advisory lock is the one that protects the database and the store. A run killed
+# outright holds neither: the kernel drops the flock, PostgreSQL the advisory lock.
 mkdir -p "$lock_dir"
 exec 9>>"$lock"
 if ! flock -n 9; then
