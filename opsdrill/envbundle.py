@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from typing import Any
 
 from minio import Minio
 
-from opsdrill import envfile
+from opsdrill import envfile, uploads
 from opsdrill.catalog import ID_PATTERN, MANIFEST_SUFFIX, backup_id, new_nonce, pair_objects
 from opsdrill.errors import ConfigError, OperationFailed, TargetUnreachable
 from opsdrill.gpg import GpgHome, import_drill_key, inspect
@@ -349,8 +348,8 @@ def _put(s3: Minio, store_name: str, store: Store, key: str, body: bytes, stage:
     """A store that cannot take the object is the store's ``unreachable`` error (exit 2),
     naming what was being done; nothing is a bundle until its manifest is stored."""
     kind = "application/json" if key.endswith(MANIFEST_SUFFIX) else "application/octet-stream"
-    try:
-        s3.put_object(store.bucket, key, io.BytesIO(body), len(body), content_type=kind)
+    try:  # create-only, like a backup's objects: no run overwrites another's bundle
+        uploads.put_new(s3, store.bucket, key, body, kind)
     except S3_ERRORS as exc:
         err = unreachable(store_name, store, exc)
         raise type(err)(f"{stage} {key}: {err.message}") from None

@@ -127,7 +127,10 @@ def read(path: Path) -> Samples:
 
 
 def merge_into(path: Path, update: Samples) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():
+        # node_exporter reads this directory: not the 0700 the CLI's umask 077 would give
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o755)
     with _locked(path):
         try:
             registry = _registry(_merged(read(path), update))

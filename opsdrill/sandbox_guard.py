@@ -25,7 +25,12 @@ def sandbox_endpoint(inv: Inventory, name: str) -> tuple[Endpoint, float]:
     if db.sandbox is None:
         raise ConfigError(
             f"{inv.path}: databases.{name}.sandbox: missing (fix: add a [databases.{name}."
-            "sandbox] with the dsn of a throwaway server for drills)"
+            'sandbox] with the dsn of a throwaway server, or container = "postgres:{major}")'
+        )
+    if db.sandbox.dsn is None:
+        raise ConfigError(
+            f"databases.{name}.sandbox is a container ({db.sandbox.container}): it has no "
+            "address before a drill starts it (opsdrill.drill does, and guards it)"
         )
     return (
         sandbox_endpoint_of(inv, name, db.sandbox.dsn, db.sandbox.password_env),
@@ -240,10 +245,11 @@ def _refuse(
 
 
 def major(version_num: Any) -> int | None:
-    """PostgreSQL's major version from server_version_num (150004 -> 15, 90624 -> 9)."""
+    """PostgreSQL's major version from server_version_num (150004 -> 15; 90624, 9.6,
+    -> 9: enough to order them, and no supported server is older than 10)."""
     if not isinstance(version_num, int) or version_num <= 0:
         return None
-    return version_num // 10000 if version_num >= 100000 else version_num // 100
+    return version_num // 10000
 
 
 def require_major(guard: Guard, manifest: Manifest, sandbox: Endpoint) -> None:

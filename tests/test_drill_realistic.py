@@ -5,11 +5,13 @@ restore, and no backup broken by a view created WITH NO DATA."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import Env, Stack, derive, opsdrill
+from tests.conftest import CheckRun, Env, Stack, derive, opsdrill
 from tests.registry import proves
 
 SCHEMA = '"Ünïcode Schéma"'
@@ -183,3 +185,93 @@ def test_a_sequence_behind_its_own_column_fails_the_drill(stack: Stack, tmp_path
         '"Sales Ops"."Order Lines".id\'s max',
         "(would hand out used ids)",
     )
+
+
+def _drill_evidence(run: CheckRun, check_id: str) -> dict[str, Any]:
+    res = run.by_check(check_id)
+    (source,) = [a["source"] for a in res["attachments"] if a["name"] == "drill"]
+    return dict(json.loads((run.results_dir / source).read_text()))
+
+
+def test_one_drill_feeds_every_drill_check_of_a_run(env: Env) -> None:
+    """Restore, RTO and drift checks share one restore (it ran three times): each attaches
+    the drill it judged, and they name the same scratch database."""
+    env.backup()
+    run = env.run_checks("check_pg_drill.py", extra=("-n", "2", "--dist", "loadgroup"))
+    drills = [
+        _drill_evidence(run, c) for c in ("pg.drill.restore", "pg.drill.rto", "pg.drill.drift")
+    ]
+    assert drills[0]["scratch_database"], drills
+    assert drills[0] == drills[1] == drills[2], drills
+
+
+def test_a_newer_backup_passed_over_is_said_not_hidden(env: Env) -> None:
+    """The newest backup has no manifest, the one before it a corrupt one: the drill
+    restores the third and says which it passed over and why; completeness still fails."""
+    import io
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    good = env.backup(now=now - timedelta(minutes=30))
+    corrupt = env.backup(now=now - timedelta(minutes=20))
+    newest = env.backup(now=now - timedelta(minutes=10))
+    refs = {r.id: r for r in env.refs()}
+    s3, store = env.s3()
+    s3.remove_object(store.bucket, refs[newest.id].manifest_key)
+    s3.put_object(store.bucket, refs[corrupt.id].manifest_key, io.BytesIO(b"{"), 1)
+    drill = opsdrill("restore", "-i", str(env.path), "-d", "crm", "--drill")
+    out = drill.stdout + drill.stderr
+    assert drill.returncode == 0, out
+    assert f"backup {good.id} (NOT the newest: 2 newer passed over, see notes)" in out, out
+    assert f"newer backup passed over: {newest.id}: no manifest" in out, out
+    assert f"newer backup passed over: {corrupt.id}: manifest: " in out, out
+    run = env.run_checks("check_pg_completeness.py", "check_pg_drill.py")
+    run.assert_fails("pg.backup.completeness", f"backup {newest.id} has no manifest")
+    run.assert_passes("pg.drill.restore")
+    evidence = _drill_evidence(run, "pg.drill.restore")
+    assert evidence["backup"] == good.id and len(evidence["passed_over"]) == 2
+
+
+def test_a_sandbox_of_an_older_major_is_refused_before_anything_is_restored(env: Env) -> None:
+    """A dump restores only into its own major or a newer one: said at once, naming both
+    majors and the setting, not halfway through pg_restore."""
+    import io
+
+    manifest = env.backup()
+    ref = env.refs()[-1]
+    s3, store = env.s3()
+    resp = s3.get_object(store.bucket, ref.manifest_key)
+    data = json.loads(resp.read())
+    resp.close()
+    resp.release_conn()
+    data["server"].update(version="17.2", version_num=170002)
+    body = json.dumps(data).encode()
+    s3.put_object(store.bucket, ref.manifest_key, io.BytesIO(body), len(body))
+    before = _scratch_databases(env)
+    drill = opsdrill("restore", "-i", str(env.path), "-d", "crm", "--drill")
+    assert drill.returncode == 2, drill.stdout + drill.stderr
+    # whichever is found first (no PostgreSQL 17 client tools on this host, or the
+    # sandbox's older major), it is said before anything is created
+    assert "PostgreSQL 17" in drill.stderr, drill.stderr
+    assert _scratch_databases(env) == before
+    assert manifest.id == ref.id
+
+
+def _scratch_databases(env: Env) -> set[str]:
+    import psycopg
+
+    sandbox = env.data["databases"]["crm"]["sandbox"]
+    with psycopg.connect(
+        sandbox["dsn"], password=env.inv.secret(sandbox["password_env"]), autocommit=True
+    ) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'opsdrill_drill_%'"
+        ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def test_sandbox_major_rule() -> None:
+    from opsdrill.sandbox_guard import major
+
+    assert major(150004) == 15 and major(170002) == 17 and major(90624) == 9
+    assert major(None) is None and major(0) is None

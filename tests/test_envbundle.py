@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -341,8 +342,9 @@ def test_now_sets_the_timestamp_and_layout(world: World) -> None:
     prefix = inv.store("offsite").prefix
     newer = backup_bundle(inv, "app", now=past + timedelta(days=1))
     older = backup_bundle(inv, "app", now=past)
-    assert older.taken_at == "2024-01-02T03:04:05+00:00" and older.id == "app-20240102T030405Z"
-    assert older.object["key"] == f"{prefix}/secrets/app/2024/01/02/app-20240102T030405Z.env.gpg"
+    assert older.taken_at == "2024-01-02T03:04:05+00:00"
+    assert re.fullmatch(r"app-20240102T030405Z-[0-9a-f]{6}", older.id), older.id
+    assert older.object["key"] == f"{prefix}/secrets/app/2024/01/02/{older.id}.env.gpg"
     refs = list_bundles(inv, "app")
     assert [r.id for r in refs] == [older.id, newer.id]  # oldest first
     assert refs[0].taken_at == past.replace(microsecond=0)
@@ -353,9 +355,9 @@ def test_now_sets_the_timestamp_and_layout(world: World) -> None:
     # an empty store prefix and a sloppy bundle prefix still give clean keys
     tag = uuid.uuid4().hex[:8]
     bare = world.inventory({"prefix": f"/sec//{tag}/"}, store={"prefix": ""})
-    key = backup_bundle(bare, "app", now=past).object["key"]
-    assert key == f"sec/{tag}/app/2024/01/02/app-20240102T030405Z.env.gpg"
-    assert [r.id for r in list_bundles(bare, "app")] == ["app-20240102T030405Z"]
+    bundle = backup_bundle(bare, "app", now=past)
+    assert bundle.object["key"] == f"sec/{tag}/app/2024/01/02/{bundle.id}.env.gpg"
+    assert [r.id for r in list_bundles(bare, "app")] == [bundle.id]
 
 
 def test_incomplete_and_foreign_objects(world: World) -> None:
@@ -370,7 +372,7 @@ def test_incomplete_and_foreign_objects(world: World) -> None:
     ):
         s3.put_object(BUCKET, key, io.BytesIO(b"x"), 1)
     refs = list_bundles(inv, "app")
-    assert [(r.id, r.complete) for r in refs] == [("app-20240101T000000Z", False)]
+    assert [(r.id, r.complete) for r in refs] == [(interrupted.id, False)]
     with pytest.raises(OperationFailed, match="has no manifest") as err:
         read_manifest(inv, "app", refs[0])
     assert err.value.stage == "manifest"

@@ -602,9 +602,7 @@ def test_the_rule_is_documented_once_in_the_same_words() -> None:
     codes, footer = canonical
     assert list(codes) == ["0", "1", "2", "75", "130"]
     assert footer.startswith("The error message names what to fix")
-    docstring = (opsdrill.cli.__doc__ or "").split("Exit codes", 1)[1].splitlines()[1:]
-    doc_codes, doc_footer = entries(docstring)
-    assert doc_codes == codes and doc_footer.startswith(footer)
+    assert "EXIT_CODES" in (opsdrill.cli.__doc__ or "")  # said once, not copied
     header = [
         line[2:]
         for line in (SCRIPTS / "run-locked.sh").read_text().splitlines()

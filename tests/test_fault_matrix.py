@@ -63,7 +63,12 @@ def test_healthy_targets_pass_every_check_with_labels(stack: Stack, tmp_path: Pa
         assert res["status"] == expected, (check_id, res["name"], res.get("statusDetails"))
         assert ("tag", check_id) in labels
         assert {v for n, v in labels if n == "epic"} <= {"backups", "storage", "dns", "mail"}
-        assert {v for n, v in labels if n == "severity"} <= {"blocker", "critical", "normal"}
+        assert {v for n, v in labels if n == "severity"} <= {
+            "blocker",
+            "critical",
+            "normal",
+            "minor",
+        }
         assert any(n == "target" for n, _ in labels)
         assert any("docs/runbooks/" in link["url"] for link in res["links"])
     assert run.returncode == 0, run.output[-2000:]

@@ -324,7 +324,12 @@ def test_a_corrupt_manifest_fails_the_backup_it_never_breaks_the_check(
         "is not a valid manifest",
     )
     run.assert_outcome("pg.drill.restore", "failed")
-    run.assert_fails("pg.drill.restore", "drill failed at manifest", "is not a valid manifest")
+    # the only backup's manifest is bad: the drill passes it over and has nothing to restore
+    run.assert_fails(
+        "pg.drill.restore",
+        f"drill failed at select: no good backup of crm in store offsite; passed over: {ref.id}",
+        "is not a valid manifest",
+    )
 
 
 @pytest.mark.parametrize(("fault", "code"), [("none", 0), ("stale backup", 1), ("store down", 2)])

@@ -1,24 +1,7 @@
 """Command line: the operations an operator runs from cron or during an outage.
 
-Exit codes (the same for every subcommand; EXIT_CODES below is the text --help shows):
-  0    success.
-  1    the operation ran and failed because of the data or the target: a stage failed
-       (pg_dump, the compressor, gpg, a full disk), a backup object or manifest is corrupt,
-       truncated or unreadable, a restore or drill does not match its manifest, or a
-       backup is encrypted to recipients the drill key is not one of.
-  2    opsdrill could not do its job: the configuration (inventory, command line) is
-       wrong, a target is unreachable or timed out (also mid-transfer), opsdrill's own
-       credentials were rejected (database password, S3 key pair, drill key passphrase), a
-       required tool is missing, a safety guard refused, the operator did not confirm, or
-       an unexpected internal error.
-  75   cron wrappers only (scripts/backup/): a previous run still holds the lock; nothing
-       was done.
-  130  interrupted (SIGINT, Ctrl-C); 143 for SIGTERM and 129 for SIGHUP (128 + the
-       signal). The run first removes what it started (its temporary files, its
-       gpg-agent, the drill's scratch database); what a run killed outright (SIGKILL)
-       left, the next run of the same operation removes and reports.
-The error message names what to fix (the inventory key, the environment variable). A
-mirror that could not copy some files exits 1 if any file was at fault, otherwise 2.
+Exit codes: the same for every subcommand, one rule, in EXIT_CODES below (the text
+--help shows, and the README, the runbook and the cron wrappers repeat word for word).
 
 The library raises the error types of opsdrill.errors and main() turns them into these
 codes: OperationFailed 1; ConfigError, TargetUnreachable (CredentialsRejected),
@@ -42,7 +25,7 @@ from opsdrill import __version__, metrics, workspace
 from opsdrill.cli.files import cmd_mirror, cmd_mirror_restore, cmd_secrets
 from opsdrill.cli.pg import cmd_backup, cmd_list, cmd_prune, cmd_restore
 from opsdrill.cli.setup import cmd_inventory_check, cmd_stack
-from opsdrill.errors import OpsdrillError
+from opsdrill.errors import LockHeld, OpsdrillError
 from opsdrill.memory import return_large_buffers_to_os
 from opsdrill.secrets import redact
 
@@ -61,8 +44,9 @@ Exit codes (the same for every subcommand):
        credentials were rejected (database password, S3 key pair, drill key passphrase), a
        required tool is missing, a safety guard refused, the operator did not confirm, or
        an unexpected internal error.
-  75   cron wrappers only (scripts/backup/): a previous run still holds the lock; nothing
-       was done.
+  75   skipped: another run holds the lock (a backup's per-database lock on the live server,
+       which holds across hosts, or a cron wrapper's local lock per command); nothing was
+       done, and the message names the holder.
   130  interrupted (SIGINT, Ctrl-C); 143 for SIGTERM and 129 for SIGHUP (128 + the
        signal). The run first removes what it started (its temporary files, its
        gpg-agent, the drill's scratch database); what a run killed outright (SIGKILL)
@@ -111,8 +95,14 @@ def _run(args: argparse.Namespace) -> int:
     with metrics.recording(*_operation(args)) as run:
         try:
             code = int(args.func(args))
+        except LockHeld:
+            code = LockHeld.exit_code
+            raise
         finally:
-            metrics.write_operation(Path(path), run, ok=code == 0)
+            # Skipped because another run holds the lock: that run records the outcome;
+            # recording a failure here would page someone for a run that is going fine.
+            if code != LockHeld.exit_code:
+                metrics.write_operation(Path(path), run, ok=code == 0)
     return code
 
 

@@ -20,9 +20,13 @@
 #        credentials were rejected (database password, S3 key pair, drill key passphrase), a
 #        required tool is missing, a safety guard refused, the operator did not confirm, or
 #        an unexpected internal error.
-#   75   cron wrappers only (scripts/backup/): a previous run still holds the lock; nothing
-#        was done.
-#   130  interrupted.
+#   75   skipped: another run holds the lock (a backup's per-database lock on the live server,
+#        which holds across hosts, or a cron wrapper's local lock per command); nothing was
+#        done, and the message names the holder.
+#   130  interrupted (SIGINT, Ctrl-C); 143 for SIGTERM and 129 for SIGHUP (128 + the
+#        signal). The run first removes what it started (its temporary files, its
+#        gpg-agent, the drill's scratch database); what a run killed outright (SIGKILL)
+#        left, the next run of the same operation removes and reports.
 # The error message names what to fix (the inventory key, the environment variable). A
 # mirror that could not copy some files exits 1 if any file was at fault, otherwise 2.
 # The wrapper's own setup problems (no COMMAND, OPSDRILL_INVENTORY unset, OPSDRILL_BIN not
@@ -79,6 +83,8 @@ elapsed=$(($(date +%s) - started))
 
 if [ "$rc" -eq 0 ]; then
   log "ok in ${elapsed}s: $what"
+elif [ "$rc" -eq 75 ]; then
+  log "SKIPPED after ${elapsed}s: another run holds the lock (see the line above): $what"
 else
   log "FAILED (exit $rc) after ${elapsed}s: $what; see the error above and the runbook"
 fi
