@@ -31,7 +31,7 @@ from typing import Any
 
 import psycopg
 
-from opsdrill import __version__, catalog, locks, uploads
+from opsdrill import __version__, catalog, locks, pgtools, uploads
 from opsdrill.errors import (
     ConfigError,
     OperationFailed,
@@ -48,7 +48,6 @@ from opsdrill.pipeline import HashingReader, Pipeline, Stage
 from opsdrill.preflight import check_privileges
 from opsdrill.progress import Progress
 from opsdrill.s3 import PART_SIZE, S3_ERRORS, client, unreachable
-from opsdrill.stack.postgres import pg_bindir
 
 LOCK_WAIT_MS = 120_000
 # zstd level 1, not zstd's default 3: an hourly dump is CPU-bound behind pg_dump, and on
@@ -64,10 +63,16 @@ def live_endpoint(inv: Inventory, name: str) -> Endpoint:
     return database_endpoint(inv, name)
 
 
-def tool_versions(names: list[str]) -> dict[str, str]:
+def tool_versions(names: list[str], pg: pgtools.PgTools | None = None) -> dict[str, str]:
+    """``--version`` of each tool; the PostgreSQL ones as ``pg`` (opsdrill.pgtools) says,
+    with where they came from (``pg_dump_from``)."""
     versions = {"opsdrill": __version__}
     for name in names:
-        exe = str(pg_bindir() / name) if name.startswith("pg_") else shutil.which(name)
+        if name.startswith("pg_"):
+            if pg is not None:
+                versions.update(pg.manifest_entries(name))
+            continue
+        exe = shutil.which(name)
         if not exe:
             continue
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
@@ -167,6 +172,15 @@ def _backup(
             snap_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             snap_conn.read_only = True
             server = server_info(snap_conn)
+            # Client tools of the server's major or newer, chosen before any work: a
+            # pg_dump older than the server refuses it ("server version mismatch").
+            pg = pgtools.for_database(
+                inv,
+                name,
+                pgtools.major_of(server.get("version_num")),
+                "pg_dump",
+                why=f"the live server {endpoint.where}",
+            )
             # Before pg_dump starts: a role that cannot read a table or a large object
             # would fail halfway, after the upload began. Catalog queries only.
             found = check_privileges(snap_conn)
@@ -179,11 +193,12 @@ def _backup(
             if row is None:  # pg_export_snapshot() always returns a row
                 raise OperationFailed("snapshot", "pg_export_snapshot() returned no row")
             snapshot = str(row[0])
+            dump_env = endpoint.libpq_env()
             stages = [
                 Stage(
                     "pg_dump",
                     [
-                        str(pg_bindir() / "pg_dump"),
+                        *pg.argv("pg_dump", dump_env),
                         "--format=custom",
                         "--compress=0",
                         f"--snapshot={snapshot}",
@@ -191,7 +206,7 @@ def _backup(
                         f"--lock-wait-timeout={LOCK_WAIT_MS}",
                         "--no-password",
                     ],
-                    env=endpoint.libpq_env(),
+                    env=dump_env,
                 ),
                 compress_stage(db),
             ]
@@ -209,6 +224,7 @@ def _backup(
                     _upload(s3, store_name, store, key, reader, name, db, note)
                 finally:
                     pipeline.close()
+                    pg.close()
                     progress.done()
                 try:
                     stats = stats_future.result()
@@ -261,7 +277,7 @@ def _backup(
                 "address": f"{endpoint.params.get('host', 'localhost')}:"
                 f"{endpoint.params.get('port', 5432)}",
             },
-            tools=tool_versions(["pg_dump", db.compression, *(["gpg"] if db.encrypt else [])]),
+            tools=tool_versions(["pg_dump", db.compression, *(["gpg"] if db.encrypt else [])], pg),
             tables=stats.tables,
             sequences=sequences,
             large_objects=stats.large_objects,

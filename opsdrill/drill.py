@@ -8,10 +8,13 @@ drill never silently restores an older backup.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from opsdrill import catalog, workspace
 from opsdrill.backup import live_endpoint
@@ -20,8 +23,9 @@ from opsdrill.errors import ConfigError, OperationFailed
 from opsdrill.inventory import Inventory
 from opsdrill.manifest import Comparison, Drift, Manifest, drift
 from opsdrill.pg import Endpoint, SnapshotStats, collect_stats
+from opsdrill.pgtools import PgTools, major_of
 from opsdrill.progress import Progress
-from opsdrill.restore import restore_into, verify_restored
+from opsdrill.restore import restore_into, restore_tools, verify_restored
 from opsdrill.s3 import client, store_call
 from opsdrill.sandbox_guard import (
     check_address,
@@ -57,17 +61,25 @@ class DrillReport:
     passed_over: list[str] = field(default_factory=list)
     scratch: str = ""  # the scratch database it restored into (dropped since)
     started_utc: str = ""
+    # A container sandbox: image, image id (its digest), container; removed since.
+    container: dict[str, Any] | None = None
+    guard: dict[str, Any] = field(default_factory=dict)  # what the sandbox guard compared
+    tools: str = ""  # the pg_restore used, and where it came from
 
     def evidence(self) -> dict[str, object]:
         """Which drill this was: every drill check of a run attaches the same one."""
-        return {
+        found: dict[str, object] = {
             "backup": self.backup_id,
             "passed_over": self.passed_over,
             "sandbox": self.sandbox,
             "scratch_database": self.scratch,
             "started_utc": self.started_utc,
             "total_seconds": round(self.total_seconds, 3),
+            "pg_restore": self.tools,
         }
+        if self.container is not None:
+            found["sandbox_container"] = self.container
+        return found
 
     @property
     def within_rto(self) -> bool:
@@ -144,6 +156,49 @@ def drill(
         return _drill(inv, name, ws, backup_id, progress, live_required)
 
 
+@dataclass
+class _Sandbox:
+    endpoint: Endpoint
+    max_shrink: float
+    container: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _sandbox(inv: Inventory, name: str, manifest: Manifest) -> Iterator[_Sandbox]:
+    """The drill's sandbox: the standing server (``sandbox.dsn``), or a container of the
+    backup's major (``sandbox.container``), started here and removed on every exit path,
+    an interrupt included (opsdrill.containers)."""
+    sb = inv.database(name).sandbox
+    if sb is None or sb.container is None:
+        endpoint, max_shrink = sandbox_endpoint(inv, name)
+        yield _Sandbox(endpoint, max_shrink)
+        return
+    from opsdrill.containers import sandbox_container
+
+    backup_major = major_of(manifest.server.get("version_num"))
+    if backup_major is None:
+        raise ConfigError(
+            f"databases.{name}.sandbox.container: backup {manifest.id}'s manifest records no "
+            "server version, so no image of its major can be chosen (fix: drill a newer "
+            "backup, or use a sandbox dsn)"
+        )
+    with sandbox_container(
+        name,
+        sb.container,
+        backup_major,
+        network=sb.container_network,
+        timeout=sb.container_start_seconds,
+        settings=sb.container_settings,
+    ) as box:
+        notes = [
+            *box.swept,
+            f"sandbox container {box.image} (image id {box.image_id}) started in "
+            f"{box.start_seconds:.1f}s, not counted in the RTO; removed after the drill",
+        ]
+        yield _Sandbox(box.endpoint, sb.max_shrink_percent, box.evidence(), notes)
+
+
 def _drill(
     inv: Inventory,
     name: str,
@@ -154,12 +209,36 @@ def _drill(
 ) -> DrillReport:
     db = inv.database(name)
     live = live_endpoint(inv, name)
-    sandbox, max_shrink = sandbox_endpoint(inv, name)
-    check_address(live, sandbox)
+    if db.sandbox is None or db.sandbox.container is None:
+        # the cheap half of the guard first: before any backup is read
+        check_address(live, sandbox_endpoint(inv, name)[0])
     picking = time.monotonic()
     chosen = pick_for_drill(inv, name, backup_id)
-    ref, manifest = chosen.ref, chosen.manifest
     picked = time.monotonic() - picking
+    # pg_restore of the backup's major, chosen before anything is started or created
+    tools = restore_tools(inv, name, chosen.manifest)
+    with _sandbox(inv, name, chosen.manifest) as box:
+        return _restore_and_verify(
+            inv, name, ws, chosen, picked, box, tools, progress, live_required
+        )
+
+
+def _restore_and_verify(
+    inv: Inventory,
+    name: str,
+    ws: workspace.Workspace,
+    chosen: Picked,
+    picked: float,
+    box: _Sandbox,
+    tools: PgTools,
+    progress: Progress | None,
+    live_required: bool,
+) -> DrillReport:
+    db = inv.database(name)
+    live = live_endpoint(inv, name)
+    sandbox, max_shrink = box.endpoint, box.max_shrink
+    check_address(live, sandbox)
+    ref, manifest = chosen.ref, chosen.manifest
     # The guard needs the manifests (production's identity at backup time): read them
     # first, and nothing is written to the sandbox before it has passed.
     guard = guard_sandbox(
@@ -190,6 +269,7 @@ def _drill(
             jobs=db.restore_jobs,
             keep_owners=False,
             progress=progress,
+            tools=tools,
         )
         verify_started = time.monotonic()
         comparison = verify_restored(target, manifest)
@@ -204,7 +284,7 @@ def _drill(
     # an error naming what holds it, never silence.
     drop_database(sandbox, scratch)
     passed = [f"newer backup passed over: {why}" for why in chosen.passed_over]
-    notes = [*passed, *cleaned, *guard.notes, *comparison.notes]
+    notes = [*passed, *cleaned, *box.notes, *guard.notes, *comparison.notes]
     drift_report: Drift | None = None
     if live_counts is not None:
         drift_report = drift(manifest, live_counts.result(), max_shrink)
@@ -226,4 +306,7 @@ def _drill(
         passed_over=chosen.passed_over,
         scratch=scratch,
         started_utc=started_utc,
+        container=box.container,
+        guard=guard.evidence(),
+        tools=f"{tools.version} from {tools.source}",
     )

@@ -100,11 +100,41 @@ class Retention(_Model):
 
 
 class Sandbox(_Model):
-    """Where drills restore: a throwaway server, never production."""
+    """Where drills restore, never production: a standing throwaway server (``dsn``), or a
+    container of the backup's major that the drill starts and removes (``container``, an
+    image name pattern: ``postgres:{major}``, or a private registry's)."""
 
-    dsn: str
+    dsn: str | None = None
     password_env: SecretEnvName | None = None
+    container: str | None = None
+    # "host": the container shares the host's network and listens on a free port (for
+    # engines without a bridge network); "bridge": Docker maps port 5432 to the host.
+    container_network: Literal["bridge", "host"] = "bridge"
+    container_start_seconds: float = Field(default=120.0, gt=0)
+    # Server settings for the container (postgres -c KEY=VALUE), e.g. fsync = "off": the
+    # cluster is thrown away after the drill, but then the RTO measured is optimistic.
+    container_settings: dict[str, str] = Field(default_factory=dict)
     max_shrink_percent: float = Field(default=10.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Sandbox:
+        if (self.dsn is None) == (self.container is None):
+            raise ValueError(
+                "set exactly one of dsn (a throwaway server) and container (an image name "
+                "pattern such as postgres:{major}, started for each drill)"
+            )
+        if self.container is not None:
+            from opsdrill.containers import pattern_problem
+
+            problem = pattern_problem(self.container)
+            if problem:
+                raise ValueError(f"container: {problem}")
+            if self.password_env is not None:
+                raise ValueError(
+                    "password_env is for a dsn sandbox: a container's password is generated "
+                    "for each drill (remove it)"
+                )
+        return self
 
 
 class Database(_Model):
@@ -119,6 +149,29 @@ class Database(_Model):
     content_hashes: bool = False
     restore_jobs: int = Field(default=2, ge=1, le=64)
     sandbox: Sandbox | None = None
+    # Client tools of the server's major or newer (opsdrill.pgtools): a bin directory to
+    # prefer, and the image to run them in when none is installed ("" = never).
+    pg_bin_dir: str | None = None
+    tools_container: str = "postgres:{major}"
+
+    @field_validator("pg_bin_dir")
+    @classmethod
+    def _bin_dir(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\n" in value):
+            raise ValueError("must be a directory holding pg_dump and pg_restore")
+        if value is not None and value.rstrip("/").rsplit("/", 1)[-1].startswith("pg_"):
+            raise ValueError("the directory, not the tool: e.g. /usr/lib/postgresql/16/bin")
+        return value
+
+    @field_validator("tools_container")
+    @classmethod
+    def _tools_image(cls, value: str) -> str:
+        from opsdrill.containers import pattern_problem
+
+        problem = pattern_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class Mirror(_Model):
@@ -182,9 +235,10 @@ class Inventory:
         try:
             return resolve_env(var, dict(self.env))
         except SecretMissing:
-            raise ConfigError(
-                f"environment variable {var} is not set (fix: export {var}=...)"
-            ) from None
+            keys = [key for key, named, _ in _env_refs(self.model) if named == var]
+            env_file = self.resolve_path(self.model.env_file) if self.model.env_file else None
+            where = f"{' and '.join(keys)}: " if keys else ""
+            raise ConfigError(where + missing_secret(var, env_file)) from None
 
     def secret_setting(self, key: str, var: str) -> str:
         """Where a secret comes from, for a message that says what to fix:
@@ -259,6 +313,22 @@ def _named(path: Path, table: dict[str, T], section: str, name: str) -> T:
     except KeyError:
         known = ", ".join(sorted(table)) or "none"
         raise ConfigError(f"{path}: no {section}.{name} (inventory has: {known})") from None
+
+
+def missing_secret(var: str, env_file: Path | None) -> str:
+    """Why ``var`` is missing, and both ways to supply it: the environment, or the
+    inventory's own env_file (named when there is one)."""
+    if env_file is not None:
+        other = (
+            f"and env_file {env_file} does not set it either (or fix: add the line {var}=... "
+            "to that file)"
+        )
+    else:
+        other = (
+            f"and the inventory has no env_file to supply it (or fix: put the line {var}=... "
+            'in a 0600 file and name it at the top of the inventory: env_file = "/path/to/it")'
+        )
+    return f"environment variable {var} is not set (fix: export {var}=...), {other}"
 
 
 def _fix_hint(loc: str, err_type: str) -> str:
@@ -421,8 +491,8 @@ def load(
     inv = Inventory(path=p.resolve(), model=model)
     env = dict(os.environ if environ is None else environ)
     from_file: set[str] = set()
-    if model.env_file:
-        env_path = inv.resolve_path(model.env_file)
+    env_path = inv.resolve_path(model.env_file) if model.env_file else None
+    if env_path is not None:
         if not env_path.is_file():
             problems.append(
                 f"{p}: env_file: {env_path} does not exist (fix: create it or remove env_file)"
@@ -442,9 +512,7 @@ def load(
         try:
             resolve_env(var, env)
         except SecretMissing:
-            problems.append(
-                f"{p}: {key}: environment variable {var} is not set (fix: export {var}=...)"
-            )
+            problems.append(f"{p}: {key}: {missing_secret(var, env_path)}")
     for label, value, scopes in _file_refs(model):
         if scope not in scopes:
             continue

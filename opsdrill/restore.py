@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opsdrill import catalog, workspace
+from opsdrill import catalog, pgtools, workspace
 from opsdrill.catalog import BackupRef
 from opsdrill.errors import (
     ConfigError,
@@ -36,7 +36,6 @@ from opsdrill.pg import (
 from opsdrill.pipeline import Pipeline, Stage
 from opsdrill.progress import Progress
 from opsdrill.s3 import S3_ERRORS, client, store_call, unreachable
-from opsdrill.stack.postgres import pg_bindir
 
 CHUNK = 1024 * 1024
 DECOMPRESS = {"zstd": ["zstd", "-d", "-q", "-c"], "gzip": ["gzip", "-d", "-c"]}
@@ -69,6 +68,20 @@ def pick_backup(inv: Inventory, name: str, backup_id: str | None) -> tuple[Backu
     return ref, store_call(store_name, store, catalog.read_manifest, s3, store, ref)
 
 
+def restore_tools(inv: Inventory, name: str, manifest: Manifest) -> pgtools.PgTools:
+    """pg_restore of the backup's major or newer: the larger of its server's major and
+    the major of the pg_dump that wrote the archive (a pg_restore cannot read an archive
+    of a newer pg_dump). Chosen before anything is created (ConfigError, exit 2)."""
+    server = pgtools.major_of(manifest.server.get("version_num"))
+    archive = pgtools.major_of_version(str(manifest.tools.get("pg_dump", "")))
+    if archive is not None and (server is None or archive > server):
+        why = f"the pg_dump that wrote backup {manifest.id} ({manifest.tools['pg_dump']})"
+        wanted: int | None = archive
+    else:
+        why, wanted = f"the server of backup {manifest.id}", server
+    return pgtools.for_database(inv, name, wanted, "pg_restore", why=why)
+
+
 def restore_into(
     inv: Inventory,
     name: str,
@@ -79,8 +92,28 @@ def restore_into(
     jobs: int,
     keep_owners: bool,
     progress: Progress | None = None,
+    tools: pgtools.PgTools | None = None,
 ) -> RestoreResult:
-    """Restore one backup into ``target`` (an existing, empty database)."""
+    """Restore one backup into ``target`` (an existing, empty database) with ``tools``
+    (by default: ``restore_tools``)."""
+    tools = tools or restore_tools(inv, name, manifest)
+    try:
+        return _restore_into(inv, name, ref, manifest, target, jobs, keep_owners, progress, tools)
+    finally:
+        tools.close()
+
+
+def _restore_into(
+    inv: Inventory,
+    name: str,
+    ref: BackupRef,
+    manifest: Manifest,
+    target: Endpoint,
+    jobs: int,
+    keep_owners: bool,
+    progress: Progress | None,
+    tools: pgtools.PgTools,
+) -> RestoreResult:
     store_name, store = inv.store_for(name)
     s3 = client(inv, store)
     progress = progress or Progress(f"restore {ref.id}")
@@ -90,7 +123,9 @@ def restore_into(
     with workspace.run("restore") as ws, GpgHome() as home:
         spool = ws.new_file(f"spool-{ref.id}.dump") if jobs > 1 else None
         try:
-            stages, pass_r, restore_argv = _stages(inv, manifest, target, home, keep_owners, spool)
+            stages, pass_r, options = _stages(
+                inv, manifest, target, home, keep_owners, spool, tools
+            )
             fetched = _stream_object(
                 s3, (store_name, store), ref, manifest, stages, progress, pass_r
             )
@@ -100,7 +135,13 @@ def restore_into(
                     [
                         Stage(
                             "pg_restore (indexes and constraints)",
-                            [*restore_argv, f"--jobs={jobs}", "--section=post-data", str(spool)],
+                            [
+                                *tools.argv("pg_restore", target.libpq_env(), files=(spool,)),
+                                *options,
+                                f"--jobs={jobs}",
+                                "--section=post-data",
+                                str(spool),
+                            ],
                             env=target.libpq_env(),
                         )
                     ]
@@ -128,9 +169,11 @@ def _stages(
     home: GpgHome,
     keep_owners: bool,
     spool: Path | None,
+    tools: pgtools.PgTools,
 ) -> tuple[list[Stage], int | None, list[str]]:
-    """decrypt | decompress | [tee spool |] pg_restore; the passphrase pipe; pg_restore argv.
-    With a spool, the post-data section (indexes) is left for ``pg_restore -j`` on it."""
+    """decrypt | decompress | [tee spool |] pg_restore; the passphrase pipe; pg_restore's
+    options. With a spool, the post-data section (indexes) is left for ``pg_restore -j``
+    on it."""
     stages: list[Stage] = []
     pass_r: int | None = None
     if manifest.object.get("encrypted"):
@@ -138,16 +181,17 @@ def _stages(
         stages.append(Stage("decrypt (gpg)", home.decrypt_argv(pass_r), pass_fds=(pass_r,)))
     compression = manifest.object["compression"]
     stages.append(Stage(f"decompress ({compression})", DECOMPRESS[compression]))
-    restore_argv = [
-        str(pg_bindir() / "pg_restore"),
+    options = [
         "--exit-on-error",
         "--no-password",
         f"--dbname={target.dbname}",
     ]
     if not keep_owners:
-        restore_argv += ["--no-owner", "--no-privileges"]
+        options += ["--no-owner", "--no-privileges"]
+    env = target.libpq_env()
+    restore_argv = [*tools.argv("pg_restore", env, stdin=True), *options]
     if spool is None:
-        stages.append(Stage("pg_restore", restore_argv, env=target.libpq_env()))
+        stages.append(Stage("pg_restore", restore_argv, env=env))
     else:
         # warn-nopipe: should pg_restore stop reading early, tee still completes the file
         stages.append(Stage("spool (tee)", ["tee", "--output-error=warn-nopipe", str(spool)]))
@@ -155,10 +199,10 @@ def _stages(
             Stage(
                 "pg_restore (schema and data)",
                 [*restore_argv, "--section=pre-data", "--section=data"],
-                env=target.libpq_env(),
+                env=env,
             )
         )
-    return stages, pass_r, restore_argv
+    return stages, pass_r, options
 
 
 def _full_disk(exc: OperationFailed, spool: Path | None, name: str) -> OperationFailed | None:

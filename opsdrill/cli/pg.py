@@ -14,6 +14,7 @@ from opsdrill.inventory import Inventory
 
 if TYPE_CHECKING:
     from opsdrill.drill import DrillReport
+    from opsdrill.pg import Endpoint
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -59,6 +60,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in databases_in(inv, args.database):
         store_name, store = inv.store_for(name)
         refs = store_call(store_name, store, catalog.list_backups, client(inv, store), store, name)
+        if not refs:  # silence would read as "the command did nothing" or "wrong store"
+            where = f"s3://{store.bucket}/{catalog.db_prefix(store, name)}"
+            print(f"no backups of {name} under {where} (store {store_name}, {store.endpoint})")
         for ref in refs:
             state = "complete" if ref.complete else "INCOMPLETE (no manifest)"
             print(f"{ref.id}  {ref.taken_at:%Y-%m-%d %H:%M:%SZ}  {ref.size:>12}  {state}")
@@ -121,6 +125,7 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     """A production restore: into a NEW database, the old one kept for swapping back."""
     from opsdrill import restore
     from opsdrill.pg import Endpoint
+    from opsdrill.progress import Progress
     from opsdrill.scratch import create_database, drop_database
 
     db = inv.database(args.database)
@@ -131,11 +136,20 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     server = Endpoint.from_dsn("restore target", args.into, password)
     live_dbname = Endpoint.from_dsn("live", db.dsn, None).dbname
     new_name = args.new_name or f"{live_dbname}_restored_{datetime.now(UTC):%Y%m%d%H%M%S}"
+    where = server.where.rsplit("/", 1)[0]
+    existing = _databases_named(server, {new_name, live_dbname})
+    if new_name in existing:  # refused before asking: a "yes" could not change the answer
+        raise RefusedError(
+            f"database {new_name!r} already exists on {where}; a restore never writes into an "
+            "existing database; nothing was changed (fix: choose another --new-name)"
+        )
+    # pg_restore of the backup's major, chosen before asking or creating anything (exit 2)
+    tools = restore.restore_tools(inv, args.database, manifest)
     print(
         f"Backup:   {ref.id} (taken {manifest.taken_at}, {manifest.object['size']} bytes, "
         f"{sum(t['rows'] for t in manifest.tables.values())} rows)"
     )
-    print(f"Target:   new database {new_name!r} on {server.where.rsplit('/', 1)[0]}")
+    print(f"Target:   new database {new_name!r} on {where}")
     print("Existing databases are not touched; swap names yourself once verified.")
     if args.confirm is not None:
         if args.confirm != args.database:
@@ -159,15 +173,20 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     create_database(server, new_name)
     target = server.with_dbname(new_name)
     try:
-        result = restore.restore_into(
-            inv,
-            args.database,
-            ref,
-            manifest,
-            target,
-            jobs=db.restore_jobs,
-            keep_owners=not args.no_owner,
-        )
+        # the progress line is ended when the restore stops, failed or not, so the
+        # messages below start lines of their own
+        with Progress(f"restore {ref.id}") as progress:
+            result = restore.restore_into(
+                inv,
+                args.database,
+                ref,
+                manifest,
+                target,
+                jobs=db.restore_jobs,
+                keep_owners=not args.no_owner,
+                progress=progress,
+                tools=tools,
+            )
         comparison = restore.verify_restored(target, manifest)
     except BaseException:
         # The database is ours (created above) and half-restored: remove it so a retry
@@ -196,12 +215,31 @@ def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
         f"Verified: row counts of all {len(manifest.tables)} tables and "
         f"{len(manifest.sequences)} sequences match the manifest exactly."
     )
+    print(_next_step(where, new_name, live_dbname, live_dbname in existing))
+    return 0
+
+
+def _databases_named(server: Endpoint, names: set[str]) -> set[str]:
+    """Which of ``names`` exist on ``server``."""
+    with server.connect(autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname = ANY(%s)", [sorted(names)]
+        ).fetchall()
+    return {str(row[0]) for row in rows}
+
+
+def _next_step(where: str, new_name: str, live_dbname: str, live_here: bool) -> str:
+    """What to do with the verified database: only the steps that apply on that server."""
     if new_name == live_dbname:
-        print(f"Point the application at {server.where.rsplit('/', 1)[0]}/{new_name}.")
-    else:
-        print(
+        return f"Point the application at {where}/{new_name}."
+    if live_here:
+        return (
             "Once the application checks out against it, swap names, e.g.:\n"
             f"  ALTER DATABASE {live_dbname} RENAME TO {live_dbname}_old;\n"
             f"  ALTER DATABASE {new_name} RENAME TO {live_dbname};"
         )
-    return 0
+    return (
+        f"There is no database {live_dbname!r} on {where}: point the application at "
+        f"{where}/{new_name}, or give it the live name first:\n"
+        f"  ALTER DATABASE {new_name} RENAME TO {live_dbname};"
+    )

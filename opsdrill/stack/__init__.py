@@ -105,9 +105,14 @@ def _check_traversable(base: Path) -> None:
 
 @dataclass
 class LocalStack:
+    """``pg_bindir``: the PostgreSQL binaries of the live and sandbox servers ('' =
+    Debian's, 15); e.g. ``postgres.pgserver_bindir()`` for 16, a major newer than the
+    host's client tools. The inventory then names it as the databases' ``pg_bin_dir``."""
+
     base: Path
     size_mb: int = 8
     state: dict[str, Any] = field(default_factory=dict)
+    pg_bindir: str = ""
 
     @property
     def inventory_path(self) -> Path:
@@ -136,8 +141,8 @@ class LocalStack:
         # SpamAssassin compiles its rules for a second or more: started first, waited for
         # last, so that time overlaps the other servers' start-up.
         spamd = Spamd("spamd", self.base / "spamd")
-        live = PgCluster("live", self.base / "pg-live")
-        sandbox = PgCluster("sandbox", self.base / "pg-sandbox")
+        live = PgCluster("live", self.base / "pg-live", bindir=self.pg_bindir)
+        sandbox = PgCluster("sandbox", self.base / "pg-sandbox", bindir=self.pg_bindir)
         offsite = S3Server("offsite", self.base / "s3-offsite")
         live_s3 = S3Server("live", self.base / "s3-live")
         dns = KnotServer("dns", self.base / "knot")
@@ -449,6 +454,7 @@ class LocalStack:
                     "rpo_minutes": 60,
                     "rto_minutes": 15,
                     "content_hashes": True,
+                    **({"pg_bin_dir": self.pg_bindir} if self.pg_bindir else {}),
                     "sandbox": {
                         "dsn": f"postgresql://{SUPERUSER}@127.0.0.1:{sandbox.port}/postgres",
                         "password_env": "OPSDRILL_SANDBOX_PG_PASSWORD",

@@ -50,12 +50,36 @@ def pg_bindir() -> Path:
     raise ConfigError("PostgreSQL client tools not found (fix: apt-get install postgresql-client)")
 
 
+def pgserver_bindir() -> Path:
+    """The PostgreSQL 16 server and client binaries of the ``pgserver`` wheel (a dev
+    dependency): a second major beside Debian's 15, runnable as they are. Found without
+    importing pgserver (which would pull in its own server management)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the pgserver wheel is not installed (fix: pip install -e '.[dev]')")
+    bindir = Path(spec.origin).parent / "pginstall" / "bin"
+    if not (bindir / "postgres").exists():
+        raise RuntimeError(f"pgserver has no {bindir / 'postgres'}")
+    return bindir
+
+
 @dataclass
 class PgCluster:
+    """``bindir``: the server binaries to run ('' = Debian's newest, ``pg_bindir()``);
+    initdb, pg_ctl and postgres run as the ``postgres`` user, so it must be able to
+    reach them."""
+
     name: str
     base: Path
     port: int = 0
     pid: int = 0
+    bindir: str = ""
+
+    @property
+    def bin(self) -> Path:
+        return Path(self.bindir) if self.bindir else pg_bindir()
 
     @property
     def datadir(self) -> Path:
@@ -83,7 +107,7 @@ class PgCluster:
             run(
                 as_service_user(
                     [
-                        str(pg_bindir() / "initdb"),
+                        str(self.bin / "initdb"),
                         "-D",
                         str(self.datadir),
                         "-U",
@@ -120,7 +144,7 @@ class PgCluster:
                 run(
                     as_service_user(
                         [
-                            str(pg_bindir() / "pg_ctl"),
+                            str(self.bin / "pg_ctl"),
                             "-D",
                             str(self.datadir),
                             "-l",
@@ -160,4 +184,4 @@ class PgCluster:
         return "running" if self.pid and pid_alive(self.pid) else "stopped"
 
     def version(self) -> str:
-        return run([str(pg_bindir() / "postgres"), "--version"], "postgres --version").strip()
+        return run([str(self.bin / "postgres"), "--version"], "postgres --version").strip()
