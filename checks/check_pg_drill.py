@@ -61,6 +61,14 @@ def check_sandbox_is_not_production(pg_target: PgBackupTarget) -> None:
     manifest names production's identity (then the evidence says live was not compared).
     """
     allure.dynamic.title(f"{pg_target.name} drill sandbox is not the live server")
+    box = pg_target.db.sandbox
+    if box is not None and box.container is not None:
+        # A container sandbox exists only inside a drill, which guards it: judge the guard
+        # of this run's one drill (a refusal there fails or breaks this check the same way).
+        report = _report(pg_target, SANDBOX_GUARD)
+        attach_json("identities compared", report.guard)
+        allure.dynamic.parameter("sandbox", f"container {box.container}")
+        return
     sandbox, _ = sandbox_endpoint(pg_target.inv, pg_target.name)
     live = live_endpoint(pg_target.inv, pg_target.name)
     restoring: Manifest | None = None

@@ -225,3 +225,25 @@ def test_build_log_records_image_build_times(docker_engine: Engine, pg_images: s
     if BUILD_LOG.exists():
         seconds = json.loads(BUILD_LOG.read_text())["seconds"]
         assert seconds["total"] > 0
+
+
+def test_drill_checks_judge_a_container_sandbox(
+    env: Env, docker_engine: Engine, pg_images: str
+) -> None:
+    """The checks run the same drill: the guard check judges the guard of that drill (a
+    container has no address before the drill starts it), and nothing is left running."""
+    env.backup()
+    _use_container(env, pg_images)
+    run = env.run_checks("check_pg_drill.py")
+    for check_id in ("pg.drill.sandbox_guard", "pg.drill.restore", "pg.drill.rto"):
+        run.assert_passes(check_id)
+    res = run.by_check("pg.drill.sandbox_guard")
+    assert any(a["name"] == "identities compared" for a in res["attachments"])
+    (source,) = [a["source"] for a in res["attachments"] if a["name"] == "drill"]
+    box = json.loads((run.results_dir / source).read_text())["sandbox_container"]
+    client = docker_engine.client()
+    try:
+        ids = {c.id for c in client.containers.list(all=True)}
+    finally:
+        client.close()
+    assert box["container_id"] and box["container_id"] not in ids  # removed after the run
