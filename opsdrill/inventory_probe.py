@@ -17,7 +17,8 @@ A triggered probe's request must carry a per-run ``{token}`` (in ``trigger.url``
 string of ``trigger.json``) that the application shows in its message: without it two
 runs at once, or a run whose application sent nothing, would claim another run's message.
 
-Secrets are environment variable names only (``password_env``, ``bearer_token_env``).
+Secrets are environment variable names only (``password_env``, ``bearer_token_env``, a
+trigger header's ``{ env = "VAR" }``).
 Relative paths (``ca_file``, ``env_file``) are relative to the inventory file: resolve
 them with ``Inventory.resolve_path``. Like every section, all problems are reported at once.
 """
@@ -148,6 +149,21 @@ def _mentions_token(value: Any) -> bool:
     return False
 
 
+class HeaderFromEnv(StrictModel):
+    """A trigger header whose value is a secret (an API key, a session cookie): read from
+    this environment variable, sent with the request, never written or shown anywhere."""
+
+    env: SecretEnvName
+
+
+# RFC 9110 5.1: a field name is a token.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Given by bearer_token_env (one place for the token, and a refusal names that key).
+_NOT_A_HEADER = frozenset({"authorization"})
+# Secrets by nature: only as { env = "VAR" }.
+_SECRET_HEADERS = frozenset({"cookie", "proxy-authorization"})
+
+
 class HttpTrigger(StrictModel):
     """The request that makes the application send (e.g. a portal invite); ``{token}``
     in ``url`` or a string of ``json`` is replaced by each run's own token."""
@@ -156,7 +172,10 @@ class HttpTrigger(StrictModel):
     method: Literal["POST", "PUT", "PATCH", "GET"] = "POST"
     # TOML key ``json``: the request body (a JSON object).
     json_body: dict[str, Any] | None = Field(default=None, alias="json")
-    headers: dict[str, str] = Field(default_factory=dict, description="no secrets here")
+    headers: dict[str, str | HeaderFromEnv] = Field(
+        default_factory=dict,
+        description='sent with the request; a secret value as { env = "VAR" }, never literally',
+    )
     bearer_token_env: SecretEnvName | None = None
     ca_file: str | None = None
     verify: bool = True
@@ -179,10 +198,26 @@ class HttpTrigger(StrictModel):
 
     @field_validator("headers")
     @classmethod
-    def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
-        if any(k.lower() in ("authorization", "cookie") for k in value):
-            raise ValueError("secrets go in bearer_token_env, not in headers")
+    def _no_auth_header(
+        cls, value: dict[str, str | HeaderFromEnv]
+    ) -> dict[str, str | HeaderFromEnv]:
+        for name, header in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a header name (letters, digits and -)")
+            if isinstance(header, str) and ("\r" in header or "\n" in header):
+                raise ValueError(f"{name}: a header value cannot contain a line break")
+            if name.lower() in _NOT_A_HEADER:
+                raise ValueError("secrets go in bearer_token_env, not in headers")
+            if name.lower() in _SECRET_HEADERS and isinstance(header, str):
+                raise ValueError(
+                    f"{name} holds a secret: never write it here (fix: put it in an "
+                    f'environment variable and name that: {name} = {{ env = "VAR" }})'
+                )
         return value
+
+    def secret_headers(self) -> dict[str, str]:
+        """Header name -> the variable that holds its value."""
+        return {k: v.env for k, v in self.headers.items() if isinstance(v, HeaderFromEnv)}
 
     @property
     def carries_token(self) -> bool:
@@ -191,7 +226,9 @@ class HttpTrigger(StrictModel):
 
 class ExpectedMessage(StrictModel):
     """How to recognise the message a triggered probe causes (besides the run's token,
-    which it must show: in a header or a text part)."""
+    which it must show: in a header or a text part). ``window_seconds``: a message the
+    IMAP server received (INTERNALDATE, its clock) longer than this before the trigger
+    never counts; the slack is for the two clocks' difference."""
 
     to: Address = Field(description="the recipient; {token} in it for a plus-address")
     from_address: Address | None = Field(default=None, description="when set, must match")
@@ -200,7 +237,10 @@ class ExpectedMessage(StrictModel):
     fetch_link: bool = Field(default=False, description="GET the link; it must answer 2xx")
     link_timeout_seconds: Timeout = 10.0
     window_seconds: float = Field(
-        default=120.0, gt=0, le=86400, description="messages older than this do not count"
+        default=120.0,
+        gt=0,
+        le=86400,
+        description="a message received longer than this before the trigger never counts",
     )
 
     @model_validator(mode="after")
@@ -411,6 +451,11 @@ def probe_env_refs(
             refs.append((f"{where}.smtp.password_env", probe.smtp.password_env))
         if probe.trigger is not None and probe.trigger.bearer_token_env:
             refs.append((f"{where}.trigger.bearer_token_env", probe.trigger.bearer_token_env))
+        if probe.trigger is not None:
+            refs += [
+                (f"{where}.trigger.headers.{name}.env", var)
+                for name, var in probe.trigger.secret_headers().items()
+            ]
         refs.append((f"{where}.imap.password_env", probe.imap.password_env))
     for name, queue in queues.items():
         if queue.redis.password_env:

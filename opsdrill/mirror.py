@@ -11,7 +11,9 @@ Why it is shaped this way:
   deleted unless ``delete_mode = "propagate"`` (a test-only wrong mode);
 - one bad object never stops the others: its error is collected and the run goes on;
   an object that failed because a store could not be reached or refused opsdrill's key
-  (``store_errors``) says nothing about the data, so such a run exits 2, not 1.
+  (``store_errors``) says nothing about the data, so such a run exits 2, not 1;
+- every key exactly as listed, "." and ".." path segments included (``exact_client``): a
+  store that cannot hold such a name fails that object alone, naming it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from minio.error import MinioException, S3Error
 from urllib3.exceptions import HTTPError
 from urllib3.response import BaseHTTPResponse
 
+from opsdrill import s3_exact
 from opsdrill.errors import (
     ConfigError,
     OperationFailed,
@@ -40,7 +43,8 @@ from opsdrill.errors import (
     TargetUnreachable,
 )
 from opsdrill.inventory import Inventory, Store
-from opsdrill.s3 import CREDENTIAL_CODES, PART_SIZE, client, iter_chunks, unreachable
+from opsdrill.s3 import CREDENTIAL_CODES, PART_SIZE, iter_chunks, unreachable
+from opsdrill.s3_exact import ShortRead
 from opsdrill.secrets import redact
 
 SHA_META = "opsdrill-sha256"
@@ -50,6 +54,8 @@ _META = "x-amz-meta-"
 _CHUNK = 1024 * 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NETWORK = (MinioException, HTTPError, OSError)
+# What a store that cannot hold a key name answers (MinIO refuses "." and ".." segments).
+_BAD_NAME = frozenset({"XMinioInvalidObjectName", "InvalidObjectName"})
 T = TypeVar("T")
 Entry = dict[str, Any]  # index entry: {"etag", "size", "sha256"} of the source as copied
 
@@ -167,14 +173,9 @@ def object_sha256(
 ) -> str:
     """Hash an object as it streams by; with ``etag``, only that exact object (If-Match)."""
     digest = hashlib.sha256()
-    for chunk in iter_chunks(_get(client, bucket, key, version_id, etag), _CHUNK):
+    for chunk in iter_chunks(s3_exact.get(client, bucket, key, version_id, etag), _CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def _get(s3: Minio, bucket: str, key: str, version: str | None, etag: str | None) -> Any:
-    headers: Any = {"If-Match": f'"{etag}"'} if etag else None
-    return s3.get_object(bucket, key, version_id=version, request_headers=headers)
 
 
 class _HashingReader:
@@ -224,7 +225,7 @@ def run_mirror(inv: Inventory, name: str, *, workers: int | None = None) -> Mirr
     if mirror.delete_mode == "propagate":  # the deliberately wrong mode; see Mirror
         for rel in sorted(target.keys() - source.keys()):
             try:
-                dst.s3.remove_object(dst.bucket, dst.prefix + rel)
+                s3_exact.remove(dst.s3, dst.bucket, dst.prefix + rel)
                 summary.deleted += 1
             except _NETWORK as exc:
                 _record(summary, f"{dst.prefix}{rel}", exc)
@@ -247,7 +248,7 @@ def _mirror_one(
     """
     key, body, content_type = dst.prefix + rel, None, None
     if obj.size <= PART_SIZE:  # read once: bounded by PART_SIZE
-        response = _get(src.s3, src.bucket, obj.key, None, obj.etag)
+        response = s3_exact.get(src.s3, src.bucket, obj.key, None, obj.etag)
         content_type = response.headers.get("content-type")
         body = b"".join(iter_chunks(response, _CHUNK))
         if len(body) != obj.size:
@@ -261,8 +262,7 @@ def _mirror_one(
     # since a write there after the listing would otherwise be overwritten without history.
     if listed_off_site or not versioned:
         try:
-            stat = dst.s3.stat_object(dst.bucket, key)
-            recorded = (stat.metadata or {}).get(_META + SHA_META, "")
+            recorded = s3_exact.metadata(dst.s3, dst.bucket, key).get(_META + SHA_META, "")
         except S3Error as exc:
             if exc.code != "NoSuchKey":
                 raise
@@ -281,7 +281,9 @@ def _mirror_one(
             _remove_bad_copy(dst, key, version_id, "changed while being copied")
     else:
         ctype = content_type or "application/octet-stream"
-        dst.s3.put_object(dst.bucket, key, io.BytesIO(body), len(body), ctype, metadata)
+        s3_exact.put(
+            dst.s3, dst.bucket, key, io.BytesIO(body), len(body), ctype, metadata, PART_SIZE
+        )
     return True, entry
 
 
@@ -347,8 +349,7 @@ def _as_of(listing: list[tuple[str, Listed]], when: datetime | None) -> dict[str
 
 
 def _restore_one(src: _Side, dst: _Side, rel: str, version: Listed) -> int:
-    stat = src.s3.stat_object(src.bucket, version.key, version_id=version.version_id)
-    headers = (stat.metadata or {}).items()
+    headers = s3_exact.metadata(src.s3, src.bucket, version.key, version.version_id).items()
     metadata = {k.lower()[len(_META) :]: v for k, v in headers if k.lower().startswith(_META)}
     # What the mirror wrote carries its hash; anything else is hashed first.
     sha = metadata.get(SHA_META) or object_sha256(
@@ -370,25 +371,24 @@ def _stream_copy(
     One part upload at a time (parallelism is across objects): minio then holds about three
     parts (the last one sent, the one being read, a copy), however big the object.
     """
-    response = _get(src.s3, src.bucket, obj.key, obj.version_id, etag)
+    response = s3_exact.get(src.s3, src.bucket, obj.key, obj.version_id, etag)
     reader = _HashingReader(response)
     try:
-        result = dst.s3.put_object(
-            dst.bucket, key, reader, obj.size,  # type: ignore[arg-type]
+        version_id = s3_exact.put(
+            dst.s3, dst.bucket, key, reader, obj.size,  # type: ignore[arg-type]
             response.headers.get("content-type") or "application/octet-stream", metadata,
-            part_size=max(PART_SIZE, -(-obj.size // 10_000)),  # S3 allows 10,000 parts
-            num_parallel_uploads=1,
+            max(PART_SIZE, -(-obj.size // 10_000)),  # S3 allows 10,000 parts
         )  # fmt: skip
     finally:
         response.close()
         response.release_conn()
-    return reader.digest.hexdigest(), result.version_id
+    return reader.digest.hexdigest(), version_id
 
 
 def _remove_bad_copy(dst: _Side, key: str, version_id: str | None, why: str) -> None:
     """A copy whose bytes are not the ones hashed must not stay labelled with that hash."""
     try:
-        dst.s3.remove_object(dst.bucket, key, version_id=version_id)
+        s3_exact.remove(dst.s3, dst.bucket, key, version_id)
     except _NETWORK as exc:
         raise _Failure(f"{why}; removing the bad copy failed too: {_reason(exc)}") from None
     raise _Failure(f"{why}; the bad copy was removed, the next run retries")
@@ -435,7 +435,9 @@ def _pool_size(workers: int | None, configured: int) -> int:
 
 def _side(inv: Inventory, name: str) -> _Side:
     store = inv.store(name)
-    return _Side(name, store, client(inv, store), store.bucket, normalise_prefix(store.prefix))
+    return _Side(
+        name, store, s3_exact.exact_client(inv, store), store.bucket, normalise_prefix(store.prefix)
+    )
 
 
 def _finish(summary: MirrorSummary, started: float, *sides: _Side) -> MirrorSummary:
@@ -496,10 +498,16 @@ def _load_index(side: _Side, key: str) -> dict[str, Entry]:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, _Failure | OpsdrillError):
+    if isinstance(exc, _Failure | ShortRead | OpsdrillError):
         text = str(exc)
     elif isinstance(exc, S3Error) and exc.code == "PreconditionFailed":
         text = "changed since it was listed; the next run copies it"
+    elif isinstance(exc, S3Error) and exc.code in _BAD_NAME:
+        text = (
+            f"S3 error {exc.code}: {exc.message} (the store cannot hold this key name; the "
+            "other objects are copied; fix: rename it at the source, or use a store that "
+            "accepts it)"
+        )
     elif isinstance(exc, S3Error):
         text = f"S3 error {exc.code}: {exc.message}"
     else:

@@ -104,6 +104,65 @@ def test_target_without_versioning_fails_overwrite_protection(stack: Stack, tmp_
     )
 
 
+# Keys with "." and ".." segments (legal in S3, written by some upload code), next to the
+# keys a normalising client would hit instead ("a/./b.txt" -> "a/b.txt").
+DOT_KEYS = {
+    "a/./b.txt": b"dot segment",
+    "a/b.txt": b"the neighbour of a/./b.txt",
+    "a/../c.txt": b"dot-dot segment",
+    "c.txt": b"the neighbour of a/../c.txt",
+    "./x": b"leading dot",
+    "d/..": b"trailing dot-dot",
+}
+
+
+def boto(env: Env, store: str) -> tuple[Any, str, str]:
+    """An independent S3 client (boto3) on ``store``, with its bucket and prefix."""
+    import boto3
+    from botocore.config import Config
+
+    cfg = env.data["stores"][store]
+    secrets_ = env.stack.secrets
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=f"http://{cfg['endpoint']}",
+        aws_access_key_id=secrets_[cfg["access_key_env"]],
+        aws_secret_access_key=secrets_[cfg["secret_key_env"]],
+        region_name=cfg.get("region", "us-east-1"),
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    return s3, cfg["bucket"], cfg["prefix"].strip("/") + "/"
+
+
+def mirrored_with_dot_keys(stack: Stack, tmp_path: Path) -> Env:
+    env = derive(stack, tmp_path, own_files=2)
+    live, bucket, prefix = boto(env, "live-files")
+    for rel, body in DOT_KEYS.items():
+        live.put_object(Bucket=bucket, Key=prefix + rel, Body=body)
+    summary = run_mirror(env.inv, "files")
+    assert summary.errors == [] and summary.copied == 2 + len(DOT_KEYS), summary.errors
+    return env
+
+
+def test_keys_with_dot_segments_are_off_site_and_pass_parity(stack: Stack, tmp_path: Path) -> None:
+    env = mirrored_with_dot_keys(stack, tmp_path)
+    run = env.run_checks("check_files_mirror.py")
+    run.assert_outcome("files.mirror.parity", "passed", exit_code=0)
+    run.assert_passes("files.mirror.lag")
+
+
+@proves(failed=["files.mirror.parity"])
+def test_a_dot_segment_key_missing_off_site_fails_parity_naming_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    env = mirrored_with_dot_keys(stack, tmp_path)
+    offsite, bucket, prefix = boto(env, "offsite-files")
+    offsite.delete_object(Bucket=bucket, Key=prefix + "a/../c.txt")
+    run = env.run_checks("check_files_mirror.py")
+    msg = run.assert_fails("files.mirror.parity", "1 missing", "'a/../c.txt'")
+    assert "'c.txt'" not in msg and "0 differing" in msg, msg
+
+
 @proves(failed=["secrets.bundle.freshness"])
 def test_stale_bundle_fails_freshness(env: Env) -> None:
     backup_bundle(env.inv, "app", now=datetime.now(UTC) - timedelta(days=3))

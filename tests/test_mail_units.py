@@ -1305,3 +1305,182 @@ def test_insecure_tls_lists_every_connection_without_certificate_checks(tmp_path
         ("probes.tx.imap.verify", "127.0.0.1", True),
         ("queues.email.redis.verify", "redis.example.net", False),
     ]
+
+
+# ---------------------------------------------------------------- operator papercuts (17)
+
+
+def test_dkim_failure_reasons_read_as_text_not_python_bytes(
+    keys: dict[str, tuple[bytes, str]],
+) -> None:
+    raw = _signed(keys)
+    tampered = raw.replace(b"automated delivery probe", b"automated DELIVERY probe")
+    duplicated = raw.replace(b"d=example.test", b"d=example.test; x=1; x=2")
+    cases = {
+        "missing": (raw, {}),
+        "tampered": (tampered, _zone(keys)),
+        "bad key": (raw, _zone(keys, sel1="AAAA")),
+        "duplicate tag": (duplicated, _zone(keys)),
+    }
+    errors = {
+        name: verify_dkim(message, FakeResolver(zone)).signatures[0].error or ""
+        for name, (message, zone) in cases.items()
+    }
+    for name, error in errors.items():
+        assert "b'" not in error and 'b"' not in error, (name, error)
+    assert errors["missing"] == "missing public key: sel1._domainkey.example.test."
+    assert re.fullmatch(r"body hash mismatch \(got \S+=, expected \S+=\)", errors["tampered"])
+    assert errors["bad key"].startswith("could not parse RSA public key (AAAA): ")
+    assert errors["duplicate tag"] == "malformed DKIM-Signature header: tag x appears twice"
+
+
+def _header_app(api_key: str) -> Any:
+    """An application that needs ``X-Api-Key: api_key`` (202), else 401 echoing it; it
+    records every request's headers."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append(dict(self.headers.items()))
+            sent = self.headers.get("X-Api-Key", "")
+            status, body = (202, b"queued") if sent == api_key else (401, f"bad {sent}".encode())
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_trigger_sends_its_headers_and_a_refused_secret_header_is_our_credential() -> None:
+    server, seen = _header_app("api-Key-7731")
+    url = f"http://127.0.0.1:{server.server_address[1]}/invite"
+    try:
+        ok = trigger_app(
+            url,
+            json_body={"name": "x"},
+            headers={"Accept": "application/json"},
+            secret_headers={"X-Api-Key": "api-Key-7731"},
+        )
+        assert ok.status == 202
+        assert seen[-1]["Accept"] == "application/json" and seen[-1]["X-Api-Key"] == "api-Key-7731"
+        assert "api-Key-7731" not in json.dumps(ok.evidence())
+        with pytest.raises(AuthRejected) as refused:  # our key: broken, not a verdict
+            trigger_app(url, json_body={}, secret_headers={"X-Api-Key": "wrong-Key-8842"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert refused.value.credential == "trigger"
+    assert "answered 401: the application refused X-Api-Key" in refused.value.message
+    assert "wrong-Key-8842" not in redact(refused.value.message)
+
+
+HEADERS_INVENTORY = INVENTORY.replace(
+    'trigger.bearer_token_env = "U_TOKEN"\n',
+    'trigger.bearer_token_env = "U_TOKEN"\n'
+    'trigger.headers = { Accept = "application/json", X-Api-Key = { env = "U_API_KEY" } }\n',
+).replace(
+    'expect = { to = "probe@mailbox.test", subject_pattern = "invited" }',
+    'expect = { to = "probe@mailbox.test", subject_pattern = "invited", window_seconds = 300 }',
+)
+
+
+def test_trigger_headers_and_window_from_the_inventory_reach_the_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    import fixtures.mail as facade
+    from opsdrill.inventory import load
+
+    path = tmp_path / "inventory.toml"
+    path.write_text(HEADERS_INVENTORY)
+    with pytest.raises(ConfigError) as missing:
+        load(path, environ=SECRETS)
+    assert "probes.invite.trigger.headers.X-Api-Key.env: environment variable U_API_KEY" in (
+        missing.value.message
+    )
+    inv = load(path, environ={**SECRETS, "U_API_KEY": "api-Key-5150"})
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def record(trigger: Any, mailbox: Any, **kw: Any) -> Any:
+        calls.append((trigger, kw))
+        raise AuthRejected("trigger", "answered 401: refused X-Api-Key", credential="trigger")
+
+    monkeypatch.setattr(facade, "run_triggered_probe", record)
+    (target,) = [t for t in facade.mail_targets(inv).probes if t.name == "invite"]
+    with pytest.raises(CredentialsRejected) as caught:
+        target.result(request)
+    ((trigger, kw),) = calls
+    assert trigger.headers == {"Accept": "application/json"}
+    assert trigger.secret_headers == {"X-Api-Key": "api-Key-5150"}
+    assert "api-Key-5150" not in repr(trigger) + json.dumps(target.endpoints())
+    assert target.endpoints()["trigger"]["headers"] == ["Accept", "X-Api-Key"]
+    assert kw["window"] == 300
+    assert "probes.invite.trigger.bearer_token_env = U_TOKEN" in caught.value.message
+
+
+def test_literal_secret_headers_are_refused(tmp_path: Path) -> None:
+    text = INVENTORY.replace(
+        'trigger.bearer_token_env = "U_TOKEN"\n',
+        'trigger.bearer_token_env = "U_TOKEN"\ntrigger.headers = { Cookie = "sid=Secret-99" }\n',
+    )
+    with pytest.raises(ConfigError) as caught:
+        _inventory(tmp_path, text)
+    assert "Cookie holds a secret: never write it here (fix: put it in an environment variable" in (
+        caught.value.message
+    )
+    assert "Secret-99" not in caught.value.message
+
+
+def test_window_seconds_bounds_how_old_a_matching_message_may_be() -> None:
+    from opsdrill.mail.imap import Fetched
+
+    since = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    token = "opsdrill-20261128120000-0123456789ab"
+    raw = f"To: client@mailbox.test\r\nSubject: Activate {token}\r\n\r\nhi\r\n".encode()
+
+    def received(seconds_before: float) -> Any:
+        return Fetched(1, since - timedelta(seconds=seconds_before), raw)
+
+    default = AppMessageMatch("client@mailbox.test", "^Activate", since, token)
+    wide = AppMessageMatch("client@mailbox.test", "^Activate", since, token, window_seconds=300)
+    assert default._fits(received(60), default.earliest)
+    assert not default._fits(received(200), default.earliest)  # default window: 120 s
+    assert wide._fits(received(200), wide.earliest)
+    assert not wide._fits(received(301), wide.earliest)
+    assert "2026-11-28 11:55:00 UTC (300 s before the trigger)" in wide.describe()
+    with pytest.raises(ConfigError, match="window_seconds must be positive"):
+        AppMessageMatch("a@b.test", "x", since, token, window_seconds=0)
+
+
+def test_an_untrusted_trigger_certificate_names_the_triggers_ca_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    import fixtures.mail as facade
+    from opsdrill.stack.mail import make_tls
+    from tests.mail_fakes import fake_tls
+
+    tls = make_tls(tmp_path / "tls")
+
+    def send_only(trigger: Any, mailbox: Any, **kw: Any) -> Any:
+        trigger_app(trigger.url, json_body={}, timeout=5, ca_file=trigger.ca_file)
+
+    monkeypatch.setattr(facade, "run_triggered_probe", send_only)
+    with fake_tls(str(tls.cert), str(tls.key)) as port:
+        text = INVENTORY.replace("http://127.0.0.1:9/invite", f"https://127.0.0.1:{port}/invite")
+        (target,) = [t for t in facade.mail_targets(_inventory(tmp_path, text)).probes
+                     if t.name == "invite"]  # fmt: skip
+        with pytest.raises(TargetUnreachable) as caught:
+            target.result(request)
+    assert "TLS certificate verification failed" in caught.value.message
+    assert "(fix: set probes.invite.trigger.ca_file to the PEM file of the CA" in (
+        caught.value.message
+    )

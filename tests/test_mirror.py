@@ -28,7 +28,7 @@ from minio.commonconfig import ENABLED
 from minio.error import S3Error
 from minio.versioningconfig import VersioningConfig
 
-from opsdrill import mirror
+from opsdrill import mirror, s3_exact
 from opsdrill.errors import ConfigError, OperationFailed, RefusedError, TargetUnreachable
 from opsdrill.inventory import Inventory, load
 from opsdrill.mirror import SHA_META, MirrorSummary, restore_mirror, run_mirror, target_key
@@ -441,3 +441,122 @@ def test_the_index_is_checked_and_may_be_empty(world: World) -> None:
         run_mirror(inv, "files", workers=0)
     with pytest.raises(ConfigError, match="timezone"):
         restore_mirror(inv, "files", to_store="restored", as_of=datetime(2024, 1, 1))
+
+
+# Keys with "." and ".." path segments: legal in S3, written by some upload code. Their
+# neighbours are the keys a normalising client would hit instead ("a/./b.txt" -> "a/b.txt").
+DOT_KEYS = {
+    "a/./b.txt": b"dot segment",
+    "a/b.txt": b"the neighbour a normalised 'a/./b.txt' would overwrite",
+    "a/../c.txt": b"dot-dot segment",
+    "c.txt": b"the neighbour a normalised 'a/../c.txt' would overwrite",
+    "./x": b"leading dot",
+    "..": b"the whole key is a dot-dot",
+    "d/..": b"trailing dot-dot",
+    "e/.": b"trailing dot",
+    "p/../../q": b"climbs above the prefix when normalised",
+}
+
+
+def boto(endpoint: str, world: World, who: str) -> Any:
+    """An independent S3 client (boto3, as the upload code that writes such keys might be)
+    for planting and reading keys the code under test must handle exactly."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://{endpoint}",
+        aws_access_key_id=world.secrets[f"MIRROR_TEST_{who}_ACCESS"],
+        aws_secret_access_key=world.secrets[f"MIRROR_TEST_{who}_SECRET"],
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+def boto_read_all(s3: Any, bucket: str, prefix: str) -> dict[str, bytes]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    return {k[len(prefix) :]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_keys_with_dot_segments_are_mirrored_and_restored_exactly(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)  # the big one goes multipart
+    live = boto(world.live_endpoint, world, "LIVE")
+    offsite = boto(world.offsite_endpoint, world, "OFFSITE")
+    data = DOT_KEYS | {"big/./blob.bin": os.urandom(11 * MiB)}
+    for rel, body in data.items():
+        live.put_object(Bucket=LIVE, Key=f"dots/{rel}", Body=body)
+    assert sorted(boto_read_all(live, LIVE, "dots/")) == sorted(data)  # planted as written
+
+    inv = world.inventory("dots")
+    first = run_mirror(inv, "files")
+    assert (first.errors, first.copied, first.exit_code) == ([], len(data), 0)
+    copied = boto_read_all(offsite, OFFSITE, "mirror/dots/")
+    copied.pop(".opsdrill-mirror/index-files.json")
+    assert copied == data
+    stat = offsite.head_object(Bucket=OFFSITE, Key="mirror/dots/a/../c.txt")
+    assert stat["Metadata"][SHA_META] == sha(DOT_KEYS["a/../c.txt"])
+    again = run_mirror(inv, "files")
+    assert (again.errors, again.skipped, again.copied) == ([], len(data), 0)
+
+    live.put_object(Bucket=LIVE, Key="dots/a/./b.txt", Body=b"changed")
+    changed = run_mirror(inv, "files")
+    assert (changed.errors, changed.copied) == ([], 1)
+    history = offsite.list_object_versions(Bucket=OFFSITE, Prefix="mirror/dots/a/./b.txt")
+    assert len([v for v in history["Versions"] if v["Key"] == "mirror/dots/a/./b.txt"]) == 2
+
+    restored = world.inventory("dots", restored_prefix="dots-restored/")
+    summary = restore_mirror(restored, "files", to_store="restored")
+    assert (summary.errors, summary.copied) == ([], len(data))
+    assert boto_read_all(offsite, RESTORED, "dots-restored/") == data | {"a/./b.txt": b"changed"}
+
+
+def test_keys_a_target_store_cannot_hold_fail_alone(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that refuses such names (MinIO answers XMinioInvalidObjectName): everything
+    else is mirrored, and the errors name exactly the refused keys and why."""
+    live = boto(world.live_endpoint, world, "LIVE")
+    for rel, body in DOT_KEYS.items():
+        live.put_object(Bucket=LIVE, Key=f"refused/{rel}", Body=body)
+    real = Minio._execute
+
+    def refuses_dot_segments(self: Minio, method: str, bucket: str | None = None,
+                             key: str | None = None, *a: Any, **kw: Any) -> Any:  # fmt: skip
+        if bucket == OFFSITE and key and s3_exact.has_dot_segment(key) and method == "PUT":
+            raise S3Error(
+                None, "XMinioInvalidObjectName",  # type: ignore[arg-type]
+                "Object name contains unsupported characters.", key, "req", "host",
+            )  # fmt: skip
+        return real(self, method, bucket, key, *a, **kw)
+
+    monkeypatch.setattr(Minio, "_execute", refuses_dot_segments)
+    summary = run_mirror(world.inventory("refused"), "files")
+    dotted = sorted(k for k in DOT_KEYS if s3_exact.has_dot_segment(k))
+    assert summary.copied == len(DOT_KEYS) - len(dotted)
+    assert [e.split(": ", 1)[0] for e in summary.errors] == [f"refused/{k}" for k in dotted]
+    assert all("cannot hold this key name" in e for e in summary.errors), summary.errors
+    assert summary.exit_code == 1
+
+
+def test_dot_segment_keys_in_an_unversioned_target_and_propagate_mode(world: World) -> None:
+    """The paths that look before writing (HEAD of a key that is not there yet) and the
+    test-only propagate mode (DELETE) keep such keys exact too."""
+    live = boto(world.live_endpoint, world, "LIVE")
+    offsite = boto(world.offsite_endpoint, world, "OFFSITE")
+    for rel in ("a/../c.txt", "c.txt"):
+        live.put_object(Bucket=LIVE, Key=f"dots-plain/{rel}", Body=rel.encode())
+    plain = run_mirror(world.inventory("dots-plain", target_bucket=PLAIN), "files")
+    assert (plain.errors, plain.copied) == ([], 2)
+    copied = boto_read_all(offsite, PLAIN, "mirror/dots-plain/")
+    copied.pop(".opsdrill-mirror/index-files.json")
+    assert copied == {"a/../c.txt": b"a/../c.txt", "c.txt": b"c.txt"}
+    live.delete_object(Bucket=LIVE, Key="dots-plain/a/../c.txt")
+    wrong = world.inventory("dots-plain", target_bucket=PLAIN, delete_mode="propagate")
+    propagated = run_mirror(wrong, "files")
+    assert (propagated.errors, propagated.deleted) == ([], 1)
+    left = boto_read_all(offsite, PLAIN, "mirror/dots-plain/")
+    assert sorted(left) == [".opsdrill-mirror/index-files.json", "c.txt"]

@@ -14,11 +14,14 @@ strict means they are equal. ``aligned`` serves SPF alignment (the envelope doma
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import dkim
+from dkim.util import DuplicateTag, InvalidTagValueList
 
 from opsdrill.dns.resolver import Resolver, normalise_name
 from opsdrill.mail.message import from_domain, parse_headers
@@ -102,6 +105,34 @@ class _Errors(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+# A Python bytes literal, b'...' or b"...", as dkimpy puts raw header values in its messages.
+_BYTES_LITERAL = re.compile(r"""b(['"])(?:\\.|(?!\1).)*\1""")
+
+
+def readable(text: str) -> str:
+    """``text`` with every bytes literal shown as the text it holds: an operator reads
+    ``missing public key: sel1._domainkey.example.com.``, not ``b'sel1...'``."""
+
+    def decoded(match: re.Match[str]) -> str:
+        try:
+            value = ast.literal_eval(match.group(0))
+        except (ValueError, SyntaxError):
+            return match.group(0)
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else match.group(0)
+
+    return _BYTES_LITERAL.sub(decoded, text)
+
+
+def _reason(exc: dkim.DKIMException) -> str:
+    """Why dkimpy refused a signature, in words (it wraps some errors bare: ``b'x'``)."""
+    inner = exc.args[0] if exc.args else None
+    if isinstance(inner, DuplicateTag):
+        return f"malformed DKIM-Signature header: tag {readable(str(inner))} appears twice"
+    if isinstance(inner, InvalidTagValueList):
+        return f"malformed DKIM-Signature header: {readable(str(inner))}"
+    return readable(str(exc)) or type(exc).__name__
+
+
 def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode("ascii", "replace")
@@ -140,9 +171,9 @@ def verify_dkim(raw: bytes, resolver: Resolver, *, strict: bool = False) -> Dkim
         try:
             ok = bool(verifier.verify(idx=index, dnsfunc=dnsfunc))
         except dkim.DKIMException as exc:
-            ok, error = False, str(exc) or type(exc).__name__
+            ok, error = False, _reason(exc)
         if not ok and error is None:
-            error = "; ".join(handler.messages) or "signature did not verify"
+            error = readable("; ".join(handler.messages)) or "signature did not verify"
         fields = getattr(verifier, "signature_fields", {}) or {}
         domain = _text(fields.get(b"d"))
         selector = _text(fields.get(b"s"))

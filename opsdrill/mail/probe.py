@@ -86,6 +86,8 @@ class AppTrigger:
     timeout: float = 10.0
     ca_file: str | None = None
     verify: bool = True
+    headers: Mapping[str, str] = field(default_factory=dict)  # not secrets
+    secret_headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # never shown
 
     @property
     def carries_token(self) -> bool:
@@ -292,12 +294,14 @@ def run_triggered_probe(
     receive: ReceiveOptions | None = None,
     analysis: Analysis | None = None,
     token: str | None = None,
+    window: float = 120.0,
 ) -> ProbeResult:
     """The trigger must carry the run's token (``{token}`` in its URL or JSON body) and
     the application's message must show it: only then is the message this run's. A
     ``{token}`` in ``recipient`` (a plus-address) is replaced too. Messages of earlier
     runs (showing a token's shape, addressed to ``recipient``, matching the subject) older
-    than the sweep limit are deleted first; the found message by ``cleanup()``."""
+    than the sweep limit are deleted first; the found message by ``cleanup()``. A message
+    received more than ``window`` seconds before the trigger never counts."""
     if not trigger.carries_token:
         raise ConfigError(
             "application trigger: no {token} in its URL or JSON body: the message could not "
@@ -326,9 +330,13 @@ def run_triggered_probe(
         run_trigger.timeout,
         ca_file=run_trigger.ca_file,
         verify=run_trigger.verify,
+        headers=run_trigger.headers,
+        secret_headers=run_trigger.secret_headers,
     )
     address = recipient.replace(PLACEHOLDER, token)
-    match = AppMessageMatch(address, subject_pattern, since, token, uid_floor=floor)
+    match = AppMessageMatch(
+        address, subject_pattern, since, token, window_seconds=window, uid_floor=floor
+    )
     try:
         found = wait_for_message(
             mailbox,

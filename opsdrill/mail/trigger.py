@@ -2,8 +2,9 @@
 
 urllib3 with explicit connect/read timeouts and no retries: a retried POST could invite
 the same user twice, and a probe must report the first failure as it happened. The bearer
-token is registered as a secret (masked by ``redact`` everywhere) and never put in a
-message or in evidence; neither is the request body.
+token and the secret headers' values are registered as secrets (masked by ``redact``
+everywhere) and never put in a message or in evidence; neither is the request body, nor
+any header.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from opsdrill.secrets import redact, register
 STAGE = "trigger"
 EXCERPT_BYTES = 2048
 MAX_REDIRECTS = 5
-REFUSED = (401, 403)  # with a bearer token sent: our credential, not the application, is wrong
+# with a bearer token or a secret header sent: our credential, not the application, is wrong
+REFUSED = (401, 403)
 
 
 @dataclass(frozen=True)
@@ -112,16 +114,20 @@ def trigger_app(
     timeout: float = 10.0,
     *,
     headers: Mapping[str, str] | None = None,
+    secret_headers: Mapping[str, str] | None = None,
     ca_file: str | None = None,
     verify: bool = True,
 ) -> TriggerResponse:
-    """Send the request that makes the application send mail. A non-2xx answer raises
-    ``ProbeFailed`` with the status and a body excerpt, except a 401 or 403 to a request
-    carrying ``bearer_token``: that is our token refused, ``AuthRejected`` (broken, not a
-    verdict on the application). No answer raises ``TargetUnreachable``."""
-    if bearer_token:
-        register(bearer_token)
-    send_headers = dict(headers or {})
+    """Send the request that makes the application send mail, with ``headers`` and
+    ``secret_headers`` (values that are credentials, e.g. an API key). A non-2xx answer
+    raises ``ProbeFailed`` with the status and a body excerpt, except a 401 or 403 to a
+    request carrying ``bearer_token`` or ``secret_headers``: that is our credential
+    refused, ``AuthRejected`` (broken, not a verdict on the application). No answer
+    raises ``TargetUnreachable``."""
+    credentials = [*(secret_headers or {}).values(), *([bearer_token] if bearer_token else [])]
+    for value in credentials:
+        register(value)
+    send_headers = {**(headers or {}), **(secret_headers or {})}
     if bearer_token:
         send_headers["Authorization"] = f"Bearer {bearer_token}"
     pool = _pool(url, timeout, ca_file, verify)
@@ -154,11 +160,14 @@ def trigger_app(
         answered_utc=datetime.now(UTC),
         answered_monotonic=answered,
     )
-    if bearer_token and response.status in REFUSED:
+    if credentials and response.status in REFUSED:
+        what = " and ".join(
+            [*(["the bearer token"] if bearer_token else []), *sorted(secret_headers or {})]
+        )
         raise AuthRejected(
             STAGE,
             f"{result.method} {result.url} answered {response.status}: the application "
-            f"refused the bearer token: {result.excerpt or 'empty body'}",
+            f"refused {what}: {result.excerpt or 'empty body'}",
             credential="trigger",
         )
     if not 200 <= response.status < 300:

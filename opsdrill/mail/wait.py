@@ -7,8 +7,10 @@ One search interface, two matchers:
 - ``AppMessageMatch``: a message the application sent on its own, recognised by the
   run's token (which the trigger carried and the message shows: the invitee's name, a
   reference, a plus-address), recipient (To or Delivered-To), a subject regex and a time
-  window. The server narrows by token, recipient and date; we check the token, subject
-  and delivery time (INTERNALDATE) locally on the decoded message. Recipient, subject and
+  window (received no earlier than ``window_seconds`` before the trigger: the slack
+  covers the clocks of this host and the IMAP server). The server narrows by token,
+  recipient and date; we check the token, subject and delivery time (INTERNALDATE)
+  locally on the decoded message. Recipient, subject and
   time alone are not enough: two runs at once, or a run whose application sent nothing
   while another run's invitation arrived, would claim a message another run owns. An
   optional UIDNEXT snapshot taken before the trigger (``imap.snapshot_uidnext``) also
@@ -97,8 +99,9 @@ class AppMessageMatch:
     since: datetime
     # The run's token: a message that does not show it belongs to someone else.
     token: str
-    # Clock difference tolerated between us and the IMAP server (INTERNALDATE is theirs).
-    skew_seconds: float = 5.0
+    # How long before ``since`` a message may have been received (INTERNALDATE, the IMAP
+    # server's clock) and still count: an older one never does (expect.window_seconds).
+    window_seconds: float = 120.0
     # folder -> (UIDVALIDITY, UIDNEXT) before the trigger: only newer UIDs count.
     uid_floor: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     # Only the newest candidates are examined, so a busy mailbox cannot slow a round.
@@ -107,6 +110,10 @@ class AppMessageMatch:
     def __post_init__(self) -> None:
         if self.since.tzinfo is None:
             raise ConfigError("AppMessageMatch.since must be timezone-aware")
+        if not self.window_seconds > 0:
+            raise ConfigError(
+                f"AppMessageMatch.window_seconds must be positive, got {self.window_seconds:g}"
+            )
         if len(self.token.strip()) < 8:
             raise ConfigError(
                 "AppMessageMatch.token: a per-run token of at least 8 characters is required "
@@ -119,8 +126,13 @@ class AppMessageMatch:
                 f"subject pattern {self.subject_pattern!r}: not a valid regular expression: {exc}"
             ) from None
 
+    @property
+    def earliest(self) -> datetime:
+        """The oldest delivery time that counts."""
+        return self.since - timedelta(seconds=self.window_seconds)
+
     def criteria(self, folder: str) -> str:
-        day = (self.since.astimezone(UTC) - timedelta(days=1)).date()  # SINCE is date-only
+        day = (self.earliest.astimezone(UTC) - timedelta(days=1)).date()  # SINCE: date only
         since = f"{day.day}-{MONTHS[day.month - 1]}-{day.year}"
         rcpt = _quoted(self.recipient)
         return f"SINCE {since} TEXT {_quoted(self.token)} OR TO {rcpt} HEADER Delivered-To {rcpt}"
@@ -132,10 +144,9 @@ class AppMessageMatch:
         if floor is not None and uidvalidity in (None, floor[0]):
             candidates = [u for u in candidates if u >= floor[1]]
         candidates = candidates[-self.max_candidates :]
-        earliest = self.since - timedelta(seconds=self.skew_seconds)
         # The whole message: the token may be in a header or in a (decoded) text part.
         items = "(UID INTERNALDATE BODY.PEEK[])"
-        return [r.uid for r in uid_fetch(box, candidates, items) if self._fits(r, earliest)]
+        return [r.uid for r in uid_fetch(box, candidates, items) if self._fits(r, self.earliest)]
 
     def _fits(self, record: Fetched, earliest: datetime) -> bool:
         if record.internaldate is None or record.internaldate < earliest:
@@ -149,7 +160,8 @@ class AppMessageMatch:
         return (
             f"a message to {self.recipient} showing this run's token {self.token} with "
             f"subject matching {self.subject_pattern!r} delivered since "
-            f"{self.since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+            f"{self.earliest.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({self.window_seconds:g} s "
+            "before the trigger)"
         )
 
 
