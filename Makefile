@@ -17,10 +17,12 @@ setup: system $(STAMP)
 system:
 	@PYTHON=$(PYTHON) scripts/bootstrap-system.sh
 
-$(STAMP): pyproject.toml
+# opsdrill with its dev tools, and the local stack: its own distribution (never in
+# opsdrill's wheel), installed editable beside it; it adds `opsdrill stack`.
+$(STAMP): pyproject.toml opsdrill_stack/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]' -e ./opsdrill_stack
 	@touch $(STAMP)
 
 # The same job as scripts/verify, which the README gives as the main command: make exits 2
@@ -35,8 +37,8 @@ test: setup lint $(NPM_STAMP)
 	$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS)
 
 lint: setup
-	$(BIN)/ruff check opsdrill fixtures checks tests benchmarks conftest.py
-	$(BIN)/ruff format --check opsdrill fixtures checks tests benchmarks conftest.py
+	$(BIN)/ruff check opsdrill opsdrill_stack fixtures checks tests benchmarks conftest.py
+	$(BIN)/ruff format --check opsdrill opsdrill_stack fixtures checks tests benchmarks conftest.py
 	$(BIN)/mypy
 
 bench: setup

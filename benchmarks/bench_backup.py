@@ -34,9 +34,9 @@ import psycopg
 import tomli_w
 from psycopg.conninfo import make_conninfo
 
-from opsdrill.inventory import read_env_file
-from opsdrill.stack import LocalStack
-from opsdrill.stack.postgres import SUPERUSER, pg_bindir
+from opsdrill.config.envfile import read_env_file
+from opsdrill_stack.local import LocalStack
+from opsdrill_stack.postgres import SUPERUSER, pg_bindir
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "latest.json"

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the test harness's engine and images (tests/containers.py)
 
 from opsdrill.containers import sandbox_container  # noqa: E402
-from opsdrill.stack import LocalStack  # noqa: E402
-from opsdrill.stack.postgres import FAST_SETTINGS  # noqa: E402
+from opsdrill_stack.local import LocalStack  # noqa: E402
+from opsdrill_stack.postgres import FAST_SETTINGS  # noqa: E402
 from tests.containers import Unavailable, engine_session, ensure_images  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "container-latest.json"

@@ -45,12 +45,12 @@ from typing import Any
 
 import tomli_w
 
+from opsdrill.config.inventory import Inventory, load
 from opsdrill.dns import DnsReport, DnsResolver, Resolver
 from opsdrill.dns.suite import dkim_report, dmarc_report, expectations, mx_report, spf_report
 from opsdrill.errors import OpsdrillError
-from opsdrill.inventory import Inventory, load
-from opsdrill.stack.demo_dns import DKIM_BITS, DkimKey, _generate_key, _txt, _zone, dkim_owner
-from opsdrill.stack.knot import KnotServer
+from opsdrill_stack.demo_dns import DKIM_BITS, DkimKey, _generate_key, _txt, _zone, dkim_owner
+from opsdrill_stack.knot import KnotServer
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "dns-latest.json"

@@ -58,13 +58,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from opsdrill.config.inventory import Inventory, load
 from opsdrill.errors import OpsdrillError
-from opsdrill.inventory import Inventory, load
 from opsdrill.mail import ImapMailbox, ProbeResult, ReceiveOptions, SmtpEndpoint, run_direct_probe
-from opsdrill.stack import LocalStack
-from opsdrill.stack.dovecot import Dovecot
-from opsdrill.stack.mail import PROBE
-from opsdrill.stack.postfix import Postfix
+from opsdrill_stack.dovecot import Dovecot
+from opsdrill_stack.local import LocalStack
+from opsdrill_stack.mail import PROBE
+from opsdrill_stack.postfix import Postfix
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "mail-latest.json"

@@ -25,9 +25,9 @@ from minio import Minio
 from minio.commonconfig import ENABLED
 from minio.versioningconfig import VersioningConfig
 
-from opsdrill.inventory import load
-from opsdrill.mirror import run_mirror
-from opsdrill.stack.s3server import S3Server
+from opsdrill.config.inventory import load
+from opsdrill.files.mirror import run_mirror
+from opsdrill_stack.s3server import S3Server
 
 RESULTS = Path(__file__).parent / "results"
 KEYS = {

@@ -12,6 +12,7 @@ import pytest
 
 from fixtures.checks import Check, attach_json
 from fixtures.dns import RUNBOOK_MAIL, DiscoveryTarget
+from opsdrill.dns.discovery import discovery_findings
 
 # A sending domain without expectations is unchecked: critical.
 DISCOVERY = Check(
@@ -40,20 +41,11 @@ def check_every_discovered_domain_is_in_the_inventory(discovery_target: Discover
         },
     )
     allure.dynamic.parameter("discovered", ", ".join(sorted(found.domains)) or "none")
-    problems = [
-        f"domain {domain} sends mail but the inventory says nothing about which provider "
-        f'sends for it (fix: add [sending_domains."{domain}"] with its providers)'
-        for domain in unknown
-    ]
-    problems += [
-        f"value {value!r} from the discovery query is not a domain name (fix the query "
-        "or the row: the domain cannot be checked)"
-        for value in found.invalid
-    ]
+    problems = discovery_findings(found, listed)
     if problems:
         DISCOVERY.fail(
             discovery_target.id,
             f"expected every domain found by sending_domain_discovery.query in "
             f"{found.database} ({found.where}) to be in [sending_domains], found: "
-            + "; ".join(problems),
+            + "; ".join(f.message for f in problems),
         )

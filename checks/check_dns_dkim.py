@@ -11,7 +11,7 @@ import allure
 import pytest
 
 from fixtures.checks import Check
-from fixtures.dns import RUNBOOK_MAIL, DkimTarget, attach_report, fail_with
+from fixtures.dns import RUNBOOK_MAIL, DkimTarget, attach_report
 
 # A missing, revoked, weak or unusable key fails the DKIM signature of every message
 # signed with this selector at every receiver; with SPF alone left for DMARC alignment,
@@ -33,4 +33,4 @@ def check_dkim_selector_publishes_a_usable_key(dkim_target: DkimTarget) -> None:
     attach_report(f"dkim {dkim_target.expected.selector}", report)
     if report.key_bits is not None:
         allure.dynamic.parameter("key", f"{report.key_type} {report.key_bits} bits")
-    fail_with(SELECTOR, dkim_target.id, report.findings)
+    SELECTOR.fail_with(dkim_target.id, report.findings)

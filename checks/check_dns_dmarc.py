@@ -15,7 +15,7 @@ import allure
 import pytest
 
 from fixtures.checks import Check
-from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, fail_with, select
+from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, select
 from opsdrill.dns import DmarcReport
 from opsdrill.dns.dmarc import POLICIES
 
@@ -67,7 +67,7 @@ def check_dmarc_record_is_single_and_valid(dns_target: DnsTarget) -> None:
             f"{dns_target.domain} is covered by exactly one valid DMARC record{_source(report)}"
         )
     attach_report("dmarc", report)
-    fail_with(RECORD, dns_target.id, select(report, RECORD_CODES))
+    RECORD.fail_with(dns_target.id, select(report, RECORD_CODES))
 
 
 @POLICY
@@ -90,7 +90,7 @@ def check_dmarc_policy_is_at_least_the_minimum(dns_target: DnsTarget) -> None:
         )
     attach_report("dmarc", report)
     _needs_record(POLICY, dns_target, report, expected)
-    fail_with(POLICY, dns_target.id, select(report, POLICY_CODES))
+    POLICY.fail_with(dns_target.id, select(report, POLICY_CODES))
 
 
 @REPORTS
@@ -109,4 +109,4 @@ def check_dmarc_reports_reach_authorised_mailboxes(dns_target: DnsTarget) -> Non
     attach_report("dmarc", report)
     expected = "rua= with valid mailto: URIs" if want.require_rua else "valid rua= URIs if any"
     _needs_record(REPORTS, dns_target, report, expected)
-    fail_with(REPORTS, dns_target.id, select(report, REPORT_CODES))
+    REPORTS.fail_with(dns_target.id, select(report, REPORT_CODES))

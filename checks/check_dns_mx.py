@@ -6,7 +6,7 @@ import allure
 import pytest
 
 from fixtures.checks import Check
-from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, fail_with
+from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report
 
 # Mail to the domain lost, bounced, or delivered to the application host. Critical.
 MX = Check("dns.mx", "critical", f"{RUNBOOK_MAIL}#mx", "dns", "mx")
@@ -28,4 +28,4 @@ def check_mx_records_match_whether_the_domain_receives_mail(dns_target: DnsTarge
     allure.dynamic.title(title)
     report = dns_target.mx()
     attach_report("mx", report)
-    fail_with(MX, dns_target.id, report.findings)
+    MX.fail_with(dns_target.id, report.findings)

@@ -15,9 +15,9 @@ import allure
 import pytest
 
 from fixtures.checks import Check, attach_text
-from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, fail_with, select
+from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, select
 from opsdrill.dns.spf import SpfReport
-from opsdrill.dns.suite import MAX_LOOKUPS, MAX_VOID_LOOKUPS
+from opsdrill.dns.suite import MAX_LOOKUPS, MAX_VOID_LOOKUPS, providers_missing
 from opsdrill.errors import TargetUnreachable
 
 RUNBOOK = f"{RUNBOOK_MAIL}#spf"
@@ -73,7 +73,7 @@ def check_spf_record_is_single_and_valid(dns_target: DnsTarget) -> None:
     allure.dynamic.title(f"{dns_target.domain} publishes exactly one valid SPF record")
     report = dns_target.spf()
     attach_report("spf", report)
-    fail_with(RECORD, dns_target.id, select(report, RECORD_CODES))
+    RECORD.fail_with(dns_target.id, select(report, RECORD_CODES))
 
 
 @POLICY
@@ -85,7 +85,7 @@ def check_spf_policy_fails_unauthorised_senders(dns_target: DnsTarget) -> None:
     report = dns_target.spf()
     attach_report("spf", report)
     _needs_record(POLICY, dns_target, report, allowed)
-    fail_with(POLICY, dns_target.id, select(report, POLICY_CODES), note=dns_target.migration_line())
+    POLICY.fail_with(dns_target.id, select(report, POLICY_CODES), note=dns_target.migration_line())
 
 
 @PROVIDERS
@@ -102,13 +102,8 @@ def check_spf_authorises_every_provider(dns_target: DnsTarget) -> None:
     _needs_record(
         PROVIDERS, dns_target, report, f"mechanisms {', '.join(exp.required_spf)} authorised"
     )
-    findings = select(report, PROVIDER_CODES)
-    notes = []
-    for mechanism in exp.required_spf:
-        if mechanism not in report.required_found:
-            who = ", ".join(exp.providers_needing(mechanism))
-            notes.append(f"{mechanism} is needed by provider {who}")
-    fail_with(PROVIDERS, dns_target.id, findings, note="; ".join(notes))
+    notes = providers_missing(report, exp)
+    PROVIDERS.fail_with(dns_target.id, select(report, PROVIDER_CODES), note="; ".join(notes))
 
 
 @LOOKUPS
@@ -123,8 +118,7 @@ def check_spf_stays_within_lookup_limits(dns_target: DnsTarget) -> None:
     allure.dynamic.parameter("lookups", report.lookups)
     allure.dynamic.parameter("void_lookups", report.void_lookups)
     _needs_record(LOOKUPS, dns_target, report, f"at most {MAX_LOOKUPS} DNS-querying terms")
-    fail_with(
-        LOOKUPS,
+    LOOKUPS.fail_with(
         dns_target.id,
         select(report, LIMIT_CODES),
         note=f"{report.lookups} lookups, {report.void_lookups} void; tree in the evidence",
@@ -150,7 +144,7 @@ def check_spf_passes_every_known_sending_ip(dns_target: DnsTarget) -> None:
             f"{dns_target.id}: check_host({ip}) for {dns_target.domain}: temperror: "
             f"{result.explanation}"
         )
-    fail_with(SENDERS, dns_target.id, select(report, SENDER_CODES))
+    SENDERS.fail_with(dns_target.id, select(report, SENDER_CODES))
 
 
 @HYGIENE
@@ -162,8 +156,7 @@ def check_spf_uses_no_deprecated_or_ignored_terms(dns_target: DnsTarget) -> None
     report = dns_target.spf()
     attach_report("spf", report)
     _needs_record(HYGIENE, dns_target, report, "no 'ptr' and no redirect= next to an 'all'")
-    fail_with(
-        HYGIENE,
+    HYGIENE.fail_with(
         dns_target.id,
         select(report, HYGIENE_CODES),
         note="minor: mail still evaluates; clean up at the next change of the record",

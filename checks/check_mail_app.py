@@ -8,8 +8,6 @@ Authentication-Results, spam judge this message too), and deleted when the sessi
 
 from __future__ import annotations
 
-from email.utils import getaddresses
-
 import allure
 import pytest
 
@@ -17,7 +15,8 @@ from fixtures.checks import SHOWN, Check, attach_json
 from fixtures.dns import RUNBOOK_MAIL
 from fixtures.mail import ProbeTarget, attach_probe, measured, required
 from opsdrill.mail import MessageNotFound, ProbeFailed, extract_links
-from opsdrill.secrets import redact
+from opsdrill.mail.suite import from_findings
+from opsdrill.redact import redact
 
 RUNBOOK = f"{RUNBOOK_MAIL}#app-probe"
 # The application's own mail does not arrive: invitations, resets, notifications. Blocker.
@@ -68,13 +67,7 @@ def check_app_message_arrives(
         attach_json("trigger response", result.trigger.evidence())
         measured("trigger_status", result.trigger.status)
     measured("folder", result.folder)
-    problems = []
-    if expect.from_address is not None:
-        froms = [a.lower() for _, a in getaddresses(result.headers.get("From", [])) if a]
-        if froms != [expect.from_address.lower()]:
-            problems.append(
-                f"expected From {expect.from_address}, found {', '.join(froms) or 'no From'}"
-            )
+    problems = [f.message for f in from_findings(result, expect.from_address)]
     if result.folder not in spec.imap.folders:
         problems.append(
             f"expected the message in {target.inbox}, found it in {result.folder}, a junk "

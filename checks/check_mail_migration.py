@@ -12,10 +12,9 @@ import allure
 import pytest
 
 from fixtures.checks import Check, attach_json
-from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, fail_with, select
+from fixtures.dns import RUNBOOK_MAIL, DnsTarget, attach_report, select
 from opsdrill.dns import Finding
-from opsdrill.dns.findings import finding
-from opsdrill.dns.suite import MAX_LOOKUPS
+from opsdrill.dns.suite import MAX_LOOKUPS, migration_missing, migration_rua_findings
 
 RUNBOOK = f"{RUNBOOK_MAIL}#migration"
 FEATURE = "provider migration"
@@ -94,8 +93,7 @@ def check_both_providers_dkim_selectors_resolve(dns_target: DnsTarget) -> None:
             for s in selectors
         ],
     )
-    fail_with(
-        DKIM,
+    DKIM.fail_with(
         dns_target.id,
         findings,
         note=f"migration {move}: not ready: {', '.join(failing)}",
@@ -113,14 +111,9 @@ def check_spf_authorises_both_providers_within_limits(dns_target: DnsTarget) -> 
     report = dns_target.migration_spf()
     ends = dns_target.expected.migration_ends
     attach_report("spf (both providers)", report, extra={"providers": ends})
-    missing = [
-        f"{mechanism} for provider {name}"
-        for name, mechanisms in ends.items()
-        for mechanism in mechanisms
-        if mechanism not in report.required_found
-    ]
+    missing = migration_missing(report, dns_target.expected)
     note = f"migration {move}" + (f": missing {', '.join(missing)}" if missing else "")
-    fail_with(SPF, dns_target.id, select(report, SPF_CODES), note=note)
+    SPF.fail_with(dns_target.id, select(report, SPF_CODES), note=note)
 
 
 @DMARC
@@ -133,16 +126,5 @@ def check_dmarc_reports_can_confirm_alignment(dns_target: DnsTarget) -> None:
     )
     report = dns_target.dmarc()
     attach_report("dmarc", report)
-    findings = select(report, DMARC_CODES)
-    if report.record is not None and not report.rua and not findings:
-        findings.append(
-            finding(
-                "dmarc.rua_missing",
-                report.name,
-                "TXT",
-                "dmarc",
-                "rua= with at least one mailto: URI (reports confirm both providers align)",
-                "no rua= URI (the inventory does not require one, the migration does)",
-            )
-        )
-    fail_with(DMARC, dns_target.id, findings, note=f"migration {move}")
+    findings = select(report, DMARC_CODES) or migration_rua_findings(report)
+    DMARC.fail_with(dns_target.id, findings, note=f"migration {move}")

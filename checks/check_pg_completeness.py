@@ -7,6 +7,7 @@ import pytest
 
 from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json
 from fixtures.targets import PgBackupTarget
+from opsdrill.backups.verdicts import object_findings
 from opsdrill.errors import OperationFailed
 
 COMPLETENESS = Check(
@@ -56,15 +57,6 @@ def check_newest_backup_is_complete_and_intact(pg_target: PgBackupTarget) -> Non
             "manifest_sha256": want_sha,
         },
     )
-    if size != want_size:
-        COMPLETENESS.fail(
-            pg_target.id,
-            f"backup {newest.id}: expected {want_size} bytes "
-            f"(manifest), found {size} (truncated or replaced)",
-        )
-    if sha256 != want_sha:
-        COMPLETENESS.fail(
-            pg_target.id,
-            f"backup {newest.id}: expected sha256 {want_sha[:16]}... "
-            f"(manifest), found {sha256[:16]}... (object corrupted)",
-        )
+    COMPLETENESS.fail_with(
+        pg_target.id, object_findings(newest.id, want_size, want_sha, size, sha256)
+    )

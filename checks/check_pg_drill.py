@@ -7,11 +7,10 @@ import pytest
 
 from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json, attach_text, table
 from fixtures.targets import PgBackupTarget
-from opsdrill.backup import live_endpoint
-from opsdrill.drill import DrillReport, pick_for_drill
-from opsdrill.errors import OperationFailed, RefusedError, TargetUnreachable
-from opsdrill.manifest import Manifest
-from opsdrill.sandbox_guard import (
+from opsdrill.backups.backup import live_endpoint
+from opsdrill.backups.drill import DrillReport, pick_for_drill
+from opsdrill.backups.manifest import Manifest
+from opsdrill.backups.sandbox_guard import (
     SandboxIsProduction,
     SandboxRefused,
     SandboxUnproven,
@@ -19,6 +18,7 @@ from opsdrill.sandbox_guard import (
     guard_sandbox,
     sandbox_endpoint,
 )
+from opsdrill.errors import OperationFailed, RefusedError, TargetUnreachable
 
 SANDBOX_GUARD = Check(
     "pg.drill.sandbox_guard",

@@ -7,6 +7,7 @@ import pytest
 
 from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json
 from fixtures.targets import PgBackupTarget
+from opsdrill.backups.verdicts import encryption_findings
 from opsdrill.gpg import GpgHome, inspect
 
 ENCRYPTION = Check(
@@ -36,34 +37,15 @@ def check_newest_backup_is_encrypted_to_recipients(pg_target: PgBackupTarget) ->
         )
         expected = home.encryption_key_ids(gpg_cfg.recipients)
         info = inspect(head, home)
-    want = {fpr: ids for fpr, ids in expected.items()}
     attach_json(
         "packets",
         {
             "object": newest.data_key,
             "format": info.format,
             "recipient_key_ids": info.recipient_key_ids,
-            "expected_key_ids": want,
+            "expected_key_ids": expected,
             "encrypted_data_packet": info.encrypted_data,
         },
     )
-    if info.format != "openpgp":
-        ENCRYPTION.fail(
-            pg_target.id,
-            f"backup {newest.id}: expected OpenPGP, found "
-            f"{info.format} data: the backup is stored unencrypted",
-        )
-    missing = [fpr for fpr, ids in want.items() if not set(ids) & set(info.recipient_key_ids)]
-    known = {k for ids in want.values() for k in ids}
-    unexpected = sorted(set(info.recipient_key_ids) - known)
-    if missing or unexpected:
-        ENCRYPTION.fail(
-            pg_target.id,
-            f"backup {newest.id}: expected recipients {sorted(want)}, found key ids "
-            f"{info.recipient_key_ids} (missing: {missing or 'none'}, "
-            f"unexpected: {unexpected or 'none'})",
-        )
-    if not info.encrypted_data:
-        ENCRYPTION.fail(
-            pg_target.id, f"backup {newest.id}: no encrypted data packet follows the key packets"
-        )
+    # the most fundamental finding alone: a wrong format makes the others meaningless
+    ENCRYPTION.fail_with(pg_target.id, encryption_findings(newest.id, info, expected)[:1])

@@ -10,8 +10,8 @@ import pytest
 
 from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json
 from fixtures.targets import PgBackupTarget
-from opsdrill import preflight
-from opsdrill.backup import live_endpoint
+from opsdrill.backups import preflight
+from opsdrill.backups.backup import live_endpoint
 
 PRIVILEGES = Check(
     "pg.backup.privileges",

@@ -1,6 +1,6 @@
 """The off-site store holds exactly what the retention policy requires.
 
-Judged the way prune judges (opsdrill.prune.examine): every manifest is read, so a bad one
+Judged the way prune judges (opsdrill.backups.prune.examine): every manifest is read, so a bad one
 fills no slot here either, and the host clock is checked against the store's first. A
 host clock that disagrees with the store's makes every age wrong, so the check is broken
 (could not judge), not failed: the store may be fine.
@@ -15,9 +15,9 @@ import pytest
 
 from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json, attach_text
 from fixtures.targets import PgBackupTarget
-from opsdrill.catalog import BackupRef
-from opsdrill.prune import ClockSkew, examine, policy_for
-from opsdrill.retention import audit
+from opsdrill.backups.catalog import BackupRef
+from opsdrill.backups.prune import ClockSkew, examine, policy_for
+from opsdrill.backups.retention import audit
 
 RETENTION = Check(
     "pg.backup.retention",

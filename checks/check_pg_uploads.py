@@ -15,7 +15,7 @@ import pytest
 
 from fixtures.checks import RUNBOOK_BACKUP, SHOWN, Check, attach_json
 from fixtures.targets import PgBackupTarget
-from opsdrill import catalog, uploads
+from opsdrill.backups import catalog, uploads
 
 DANGLING = Check(
     "pg.backup.dangling_uploads",

@@ -12,8 +12,8 @@ import pytest
 
 from fixtures.checks import RUNBOOK_BACKUP, Check, attach_json
 from fixtures.files import BundleTarget, age_minutes
-from opsdrill import envbundle
 from opsdrill.errors import OperationFailed
+from opsdrill.secrets import bundle
 
 RUNBOOK = f"{RUNBOOK_BACKUP}#secrets-bundle"
 FRESH = Check("secrets.bundle.freshness", "critical", RUNBOOK, "backups", "secrets bundle")
@@ -24,9 +24,7 @@ REQUIRED = Check("secrets.bundle.required_keys", "critical", RUNBOOK, "backups",
 pytestmark = pytest.mark.secrets
 
 
-def _newest(
-    target: BundleTarget, check: Check
-) -> tuple[envbundle.BundleRef, envbundle.BundleManifest]:
+def _newest(target: BundleTarget, check: Check) -> tuple[bundle.BundleRef, bundle.BundleManifest]:
     found = target.newest()
     if found is None:
         check.fail(target.id, "no complete secrets bundle off-site")
@@ -63,20 +61,15 @@ def check_bundle_decrypts_with_drill_key(bundle_target: BundleTarget) -> None:
         values = bundle_target.decrypt(ref)
     except OperationFailed as exc:
         DECRYPTS.fail(bundle_target.id, f"bundle {ref.id}: {exc.message}")
-    wrong = sorted(
-        k
-        for k, v in values.items()
-        if envbundle.fingerprint(v, manifest.salt) != manifest.keys.get(k)
-    )
+    differing = bundle.differs_from_manifest(values, manifest)
     attach_json(
         "decrypted",
-        {"id": ref.id, "keys": sorted(values), "fingerprints_match_manifest": not wrong},
+        {"id": ref.id, "keys": sorted(values), "fingerprints_match_manifest": not differing},
     )
-    if wrong or set(values) != set(manifest.keys):
+    if differing:
         DECRYPTS.fail(
             bundle_target.id,
-            f"bundle {ref.id} decrypts but does not match its "
-            f"manifest (keys {wrong or sorted(set(values) ^ set(manifest.keys))})",
+            f"bundle {ref.id} decrypts but does not match its manifest (keys {differing})",
         )
 
 
@@ -88,14 +81,14 @@ def check_encryption_key_matches_live(bundle_target: BundleTarget) -> None:
         pytest.skip(f"secrets.{bundle_target.name}.fingerprint_keys is empty in the inventory")
     ref, manifest = _newest(bundle_target, KEY_MATCH)
     live = bundle_target.live_env()
-    problems = envbundle.compare_to_live(manifest, live, keys)
+    problems = bundle.compare_to_live(manifest, live, keys)
     attach_json(
         "fingerprints",
         {
             "id": ref.id,
-            "off_site": {k: envbundle.short(manifest.keys[k]) for k in keys if k in manifest.keys},
+            "off_site": {k: bundle.short(manifest.keys[k]) for k in keys if k in manifest.keys},
             "live": {
-                k: envbundle.short(envbundle.fingerprint(live[k], manifest.salt))
+                k: bundle.short(bundle.fingerprint(live[k], manifest.salt))
                 for k in keys
                 if k in live
             },
@@ -117,7 +110,7 @@ def check_required_keys_present(bundle_target: BundleTarget) -> None:
     if not required:  # nothing to look for: never a pass
         pytest.skip(f"secrets.{bundle_target.name}.required_keys is empty in the inventory")
     ref, manifest = _newest(bundle_target, REQUIRED)
-    missing = envbundle.missing_required(manifest.keys, required)
+    missing = bundle.missing_required(manifest.keys, required)
     attach_json(
         "keys",
         {"id": ref.id, "present": sorted(manifest.keys), "required": required, "missing": missing},

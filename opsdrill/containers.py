@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets as _secrets
-import string
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,12 +23,12 @@ from typing import Any
 from opsdrill import workspace
 from opsdrill.errors import ConfigError
 from opsdrill.pg import Endpoint
-from opsdrill.secrets import register
+from opsdrill.redact import register
 
 OWNER_LABEL = "opsdrill.owner"
 KIND_LABEL = "opsdrill.kind"
 # A container whose owner cannot be proven gone (another host) is removed only once no
-# drill or backup can still be using it: as for scratch databases (opsdrill.scratch).
+# drill or backup can still be using it: as for scratch databases (opsdrill.backups.scratch).
 MAX_AGE = timedelta(hours=24)
 READY_LINE = "database system is ready to accept connections"
 SANDBOX_USER = "opsdrill"
@@ -40,18 +40,12 @@ def image_for(pattern: str, major: int) -> str:
     return pattern.replace("{major}", str(major))
 
 
-def pattern_problem(pattern: str) -> str | None:
-    """Why ``pattern`` is not an image name pattern, or None (used by the inventory)."""
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
-    except ValueError as exc:  # an unmatched brace
-        return f"not a pattern: {exc}"
-    other = [f for f in fields if f != "major"]
-    if other:
-        return f"only {{major}} may be substituted, found {{{other[0]}}}"
-    if not pattern.strip() or any(c.isspace() for c in pattern):
-        return "an image name has no spaces, e.g. postgres:{major}"
-    return None
+def _free_port() -> int:
+    """A TCP port free right now on 127.0.0.1, for a sandbox on the host's network (a
+    lost race fails the container's start, which the drill reports)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------ the engine
@@ -231,9 +225,7 @@ def sandbox_container(
     kwargs: dict[str, Any] = {"labels": owner_labels("drill-sandbox")}
     port = 0
     if network == "host":
-        from opsdrill.stack.procs import free_port  # a socket helper, no stack started
-
-        port = free_port()
+        port = _free_port()
         box.ports = {}
         box.with_env("PGPORT", str(port))
         kwargs["network_mode"] = "host"

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from opsdrill.secrets import redact
+from opsdrill.redact import redact
 
 
 class OpsdrillError(Exception):

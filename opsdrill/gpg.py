@@ -20,8 +20,8 @@ from types import TracebackType
 import gnupg
 
 from opsdrill import workspace
+from opsdrill.config.inventory import Inventory
 from opsdrill.errors import ConfigError, CredentialsRejected
-from opsdrill.inventory import Inventory
 
 _PKESK = re.compile(r":pubkey enc packet: version \d+, algo \d+, keyid ([0-9A-F]{16})")
 GPG = "gpg"

@@ -14,12 +14,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from opsdrill.config.inventory import Inventory
 from opsdrill.errors import ConfigError, CredentialsRejected, TargetUnreachable
-from opsdrill.inventory import Inventory
-
-# re-exported for the modules that import them from here (explicit for mypy)
-from opsdrill.pgstats import SnapshotStats as SnapshotStats
-from opsdrill.pgstats import collect_stats as collect_stats
 
 CONNECT_TIMEOUT = 10
 

@@ -25,8 +25,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opsdrill.config.inventory import Inventory
 from opsdrill.errors import ConfigError
-from opsdrill.inventory import Inventory
 
 DEBIAN_ROOT = Path("/usr/lib/postgresql")
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from opsdrill.errors import ConfigError, OperationFailed
-from opsdrill.secrets import redact
+from opsdrill.redact import redact
 
 STAGE_WAIT_SECONDS = 120
 # Linux pipes default to 64 KiB; 1 MiB (the unprivileged maximum) lets each stage write in

@@ -10,8 +10,8 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error, ServerError
 
+from opsdrill.config.inventory import Inventory, Store
 from opsdrill.errors import CredentialsRejected, TargetUnreachable
-from opsdrill.inventory import Inventory, Store
 
 T = TypeVar("T")
 PART_SIZE = 16 * 1024 * 1024  # minio buffers one part in memory: bounds our RSS

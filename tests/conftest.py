@@ -23,14 +23,15 @@ import psycopg
 import pytest
 import tomli_w
 
-from opsdrill import catalog
-from opsdrill.backup import run_backup
-from opsdrill.catalog import BackupRef
-from opsdrill.inventory import Inventory, load, read_env_file
-from opsdrill.manifest import Manifest
+from opsdrill.backups import catalog
+from opsdrill.backups.backup import run_backup
+from opsdrill.backups.catalog import BackupRef
+from opsdrill.backups.manifest import Manifest
+from opsdrill.config.envfile import read_env_file
+from opsdrill.config.inventory import Inventory, load
 from opsdrill.s3 import client
-from opsdrill.stack import LocalStack
-from opsdrill.stack.gnupg_keys import Keypair, generate_keypair
+from opsdrill_stack.gnupg_keys import Keypair, generate_keypair
+from opsdrill_stack.local import LocalStack
 from tests.registry import MARK
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -315,7 +315,7 @@ def _import(rootfs: Path, image: str, env: dict[str, str], changes: dict[str, st
 def build_images(engine: Engine) -> dict[str, float]:
     """debootstrap -> trim -> entrypoint -> import :15; + pgserver's 16 -> import :16.
     Returns the seconds each step took."""
-    from opsdrill.stack.postgres import pgserver_bindir
+    from opsdrill_stack.postgres import pgserver_bindir
 
     if shutil.which("debootstrap") is None and not Path("/usr/sbin/debootstrap").exists():
         raise Unavailable("debootstrap is not installed (apt-get install debootstrap)")

@@ -11,7 +11,7 @@ from typing import Any
 
 from minio.commonconfig import CopySource
 
-from opsdrill import catalog
+from opsdrill.backups import catalog
 from tests.conftest import Env
 
 # What a planted manifest holds: the correct manifest (a dict) -> the bytes to store.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from opsdrill import catalog, locks
-from opsdrill.catalog import BackupRef
+from opsdrill.backups import catalog, locks
+from opsdrill.backups.catalog import BackupRef
 from tests.conftest import ROOT, Env, Stack, derive, opsdrill
 from tests.test_uploads import stalled_backup
 
@@ -57,7 +57,7 @@ def test_two_backups_in_the_same_second_are_two_backups(env: Env) -> None:
 
 def test_two_secrets_bundles_in_the_same_second_are_two_bundles(env: Env) -> None:
     """Bundles are laid out as backups are, and get the same nonce in their ids."""
-    from opsdrill.envbundle import backup_bundle, list_bundles, read_manifest
+    from opsdrill.secrets.bundle import backup_bundle, list_bundles, read_manifest
 
     t = datetime.now(UTC).replace(microsecond=0)
     first = backup_bundle(env.inv, "app", now=t)

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from opsdrill.drill import drill
+from opsdrill.backups.drill import drill
+from opsdrill.config.inventory import load
 from opsdrill.errors import ConfigError
-from opsdrill.inventory import load
 from tests.conftest import ROOT, Env, opsdrill
 from tests.containers import (
     Engine,

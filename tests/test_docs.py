@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from opsdrill.envfile import read_env_file
+from opsdrill.config.envfile import read_env_file
 from opsdrill.mail.appenv import forbidden_keys_set
 from tests.conftest import ROOT
 

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from opsdrill.stack.procs import free_port
+from opsdrill_stack.procs import free_port
 from tests.conftest import CheckRun, Env, Stack, derive, opsdrill
 from tests.registry import proves
 

@@ -273,7 +273,7 @@ def _scratch_databases(env: Env) -> set[str]:
 
 
 def test_sandbox_major_rule() -> None:
-    from opsdrill.sandbox_guard import major
+    from opsdrill.backups.sandbox_guard import major
 
     assert major(150004) == 15 and major(170002) == 17 and major(90624) == 9
     assert major(None) is None and major(0) is None

@@ -20,10 +20,11 @@ import pytest
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from opsdrill.envbundle import read_live_env
+from opsdrill.config.envfile import read_env_file
+from opsdrill.config.inventory import load
 from opsdrill.errors import ConfigError
-from opsdrill.inventory import load, read_env_file
 from opsdrill.mail.appenv import read_app_env
+from opsdrill.secrets.bundle import read_live_env
 from tests.conftest import opsdrill, run_checks
 
 # What the inventory below needs from its env_file, after each fixture's own lines.

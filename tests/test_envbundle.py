@@ -23,7 +23,19 @@ import pytest
 import tomli_w
 from minio import Minio
 
-from opsdrill.envbundle import (
+from opsdrill.config.envfile import read_env_file
+from opsdrill.config.inventory import Inventory, load
+from opsdrill.errors import (
+    ConfigError,
+    CredentialsRejected,
+    OperationFailed,
+    OpsdrillError,
+    TargetUnreachable,
+)
+from opsdrill.gpg import GpgHome, inspect, sniff
+from opsdrill.redact import MASK, redact
+from opsdrill.s3 import client
+from opsdrill.secrets.bundle import (
     BundleManifest,
     backup_bundle,
     compare_to_live,
@@ -35,19 +47,8 @@ from opsdrill.envbundle import (
     read_manifest,
     short,
 )
-from opsdrill.errors import (
-    ConfigError,
-    CredentialsRejected,
-    OperationFailed,
-    OpsdrillError,
-    TargetUnreachable,
-)
-from opsdrill.gpg import GpgHome, inspect, sniff
-from opsdrill.inventory import Inventory, load, read_env_file
-from opsdrill.s3 import client
-from opsdrill.secrets import MASK, redact
-from opsdrill.stack.gnupg_keys import Keypair, generate_keypair
-from opsdrill.stack.s3server import S3Server
+from opsdrill_stack.gnupg_keys import Keypair, generate_keypair
+from opsdrill_stack.s3server import S3Server
 
 BUCKET = "envbundle-test"
 

@@ -27,9 +27,9 @@ import psycopg
 import pytest
 
 from opsdrill.cli import EXIT_CODES, build_parser
-from opsdrill.inventory import read_env_file
-from opsdrill.secrets import MASK
-from opsdrill.stack.procs import free_port, port_open, stop_pid, wait_for
+from opsdrill.config.envfile import read_env_file
+from opsdrill.redact import MASK
+from opsdrill_stack.procs import free_port, port_open, stop_pid, wait_for
 from tests.conftest import ROOT, Env, Stack, derive, opsdrill
 from tests.faults import CuttingProxy, failing_gpg_dir
 from tests.test_operations import object_keys, restore_into_sandbox

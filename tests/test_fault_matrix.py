@@ -41,8 +41,8 @@ def _get_object(env: Env, key: str) -> bytes:
 
 def test_healthy_targets_pass_every_check_with_labels(stack: Stack, tmp_path: Path) -> None:
     """Every check in checks/, against targets the real operations just produced."""
-    from opsdrill.envbundle import backup_bundle
-    from opsdrill.mirror import run_mirror
+    from opsdrill.files.mirror import run_mirror
+    from opsdrill.secrets.bundle import backup_bundle
 
     env = derive(stack, tmp_path, own_files=5)
     env.backup()
@@ -230,7 +230,7 @@ def test_healthy_history_passes_retention_and_prune_keeps_it(env: Env) -> None:
     now = datetime.now(UTC)
     env.backup(now=now)
     plant_history(env, now, days=40)
-    from opsdrill.prune import prune
+    from opsdrill.backups.prune import prune
 
     prune(env.inv, "crm", dry_run=False, now=now)
     run = env.run_checks("check_pg_retention.py")
@@ -239,7 +239,7 @@ def test_healthy_history_passes_retention_and_prune_keeps_it(env: Env) -> None:
 
 @proves(broken=["pg.backup.freshness"])
 def test_unreachable_store_is_broken_not_failed(env: Env) -> None:
-    from opsdrill.stack.procs import free_port
+    from opsdrill_stack.procs import free_port
 
     env.rewrite(
         lambda d: d["stores"]["offsite"].update(

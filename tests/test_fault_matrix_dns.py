@@ -22,8 +22,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from opsdrill.stack import demo_dns
-from opsdrill.stack.knot import KnotServer
+from opsdrill_stack import demo_dns
+from opsdrill_stack.knot import KnotServer
 from tests.conftest import CheckRun, Env, Stack, derive
 from tests.registry import proves
 

@@ -12,8 +12,8 @@ from typing import Any
 from minio.commonconfig import ENABLED
 from minio.versioningconfig import SUSPENDED, VersioningConfig
 
-from opsdrill.envbundle import backup_bundle
-from opsdrill.mirror import run_mirror
+from opsdrill.files.mirror import run_mirror
+from opsdrill.secrets.bundle import backup_bundle
 from tests.conftest import Env, Stack, derive
 from tests.registry import proves
 
@@ -220,7 +220,7 @@ def test_unreadable_live_env_is_broken(env: Env) -> None:
 
 
 def _dead_endpoint(env: Env, store: str) -> int:
-    from opsdrill.stack.procs import free_port
+    from opsdrill_stack.procs import free_port
 
     port = free_port()
     env.rewrite(

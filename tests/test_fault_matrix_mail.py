@@ -32,8 +32,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fixtures.mail import mail_targets
-from opsdrill.inventory import read_env_file
+from opsdrill.config.envfile import read_env_file
 from opsdrill.mail import (
     PROBE_HEADER,
     ImapMailbox,
@@ -44,10 +43,11 @@ from opsdrill.mail import (
     wait_for_message,
 )
 from opsdrill.mail.imap import select, uid_search
-from opsdrill.stack import demo_dns, mail
-from opsdrill.stack.header_checks import prepending_headers
-from opsdrill.stack.knot import KnotServer
-from opsdrill.stack.redis_queue import BullMQ
+from opsdrill.mail.suite import imap_mailbox
+from opsdrill_stack import demo_dns, mail
+from opsdrill_stack.header_checks import prepending_headers
+from opsdrill_stack.knot import KnotServer
+from opsdrill_stack.redis_queue import BullMQ
 from tests.conftest import CheckRun, Env, Stack, derive, opsdrill
 from tests.registry import proves
 
@@ -222,7 +222,7 @@ def eml_names(res: dict[str, Any]) -> set[str]:
 
 def mailbox(env: Env) -> ImapMailbox:
     """The probes' mailbox (probe@mailbox.test), as the checks open it."""
-    return mail_targets(env.inv).probes[0].mailbox()
+    return imap_mailbox(env.inv, next(iter(env.inv.model.probes)))
 
 
 def still_there(env: Env, folder: str, uid: int) -> bool:
@@ -788,7 +788,7 @@ def test_redirect_set_fails_showing_the_address_even_after_the_bundle_masked_it(
 ) -> None:
     """The secrets-bundle checks register every .env value for redaction, the redirect
     address included; in the same process, the redirect check still shows the address."""
-    from opsdrill.envbundle import backup_bundle
+    from opsdrill.secrets.bundle import backup_bundle
 
     with stack.stack.demo_app().redirecting(REDIRECT_TO):
         env = derive(stack, tmp_path)  # its own copy of the .env, redirect included

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from opsdrill.config.inventory import load
 from opsdrill.errors import ConfigError
-from opsdrill.inventory import load
 from tests.conftest import opsdrill
 
 GOOD = """
@@ -146,7 +146,7 @@ def test_env_file_supplies_missing_variables(tmp_path: Path) -> None:
 
 
 def test_cli_inventory_check_exit_codes(tmp_path: Path) -> None:
-    from opsdrill.stack.gnupg_keys import generate_keypair
+    from opsdrill_stack.gnupg_keys import generate_keypair
 
     key = generate_keypair(tmp_path / "k", "backup", "passphrase-1234")
     path = write(
@@ -200,7 +200,7 @@ def test_documented_example_inventory_is_valid() -> None:
     """docs/inventory.example.toml must stay in step with the schema."""
     import tomllib
 
-    from opsdrill.inventory import InventoryModel
+    from opsdrill.config.inventory import InventoryModel
 
     root = Path(__file__).resolve().parent.parent
     model = InventoryModel.model_validate(
@@ -208,7 +208,7 @@ def test_documented_example_inventory_is_valid() -> None:
     )
     assert {"crm"} == set(model.databases) and {"files"} == set(model.mirrors)
     assert {"app"} == set(model.secrets)
-    from opsdrill.inventory_mail import mail_cross_checks
+    from opsdrill.config.mail import mail_cross_checks
 
     assert {"example.com", "news.example.com"} == set(model.sending_domains)
     assert model.dns is not None and model.sending_domain_discovery is not None
@@ -218,7 +218,7 @@ def test_documented_example_inventory_is_valid() -> None:
     assert {"crm"} == set(model.app_environment) and {"email"} == set(model.queues)
 
 
-# -- mail authentication sections (opsdrill.inventory_mail) ---------------------------------
+# -- mail authentication sections (opsdrill.config.mail) ---------------------------------
 MAIL = """
 [dns]
 nameservers = ["127.0.0.1", "::1"]
@@ -362,13 +362,13 @@ def test_same_domain_twice_and_selector_listed_twice(tmp_path: Path) -> None:
 
 
 def test_policy_order() -> None:
-    from opsdrill.inventory_mail import policy_at_least
+    from opsdrill.config.mail import policy_at_least
 
     assert policy_at_least("reject", "quarantine") and policy_at_least("Quarantine", "none")
     assert not policy_at_least("none", "quarantine") and not policy_at_least("rejekt", "none")
 
 
-# -- delivery probes, app environment, queues (opsdrill.inventory_probe) --------------------
+# -- delivery probes, app environment, queues (opsdrill.config.probes) --------------------
 PROBES = """
 [probes.transactional]
 from_address = "crm@Example.TEST"

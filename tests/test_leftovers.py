@@ -31,7 +31,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from opsdrill import scratch, workspace
+from opsdrill import workspace
+from opsdrill.backups import scratch
 from opsdrill.errors import ConfigError
 from opsdrill.pg import Endpoint
 from tests.conftest import ROOT, Env, Stack, derive, opsdrill

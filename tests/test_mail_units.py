@@ -53,10 +53,11 @@ from opsdrill.mail import (
     trigger_app,
     verify_dkim,
 )
+from opsdrill.mail import suite as mail_suite
 from opsdrill.mail.authresults import parse_values
 from opsdrill.mail.imap import uid_fetch
 from opsdrill.mail.spam import parse_rules
-from opsdrill.secrets import redact
+from opsdrill.redact import redact
 from tests.dns_fake import FakeResolver
 from tests.mail_fakes import (
     FakeRedis,
@@ -885,11 +886,40 @@ SECRETS = {"U_SMTP": "smtp-pw-1", "U_IMAP": "imap-pw-2", "U_TOKEN": "token-3", "
 
 
 def _inventory(tmp_path: Path, text: str = INVENTORY) -> Any:
-    from opsdrill.inventory import load
+    from opsdrill.config.inventory import load
 
     path = tmp_path / "inventory.toml"
     path.write_text(text)
     return load(path, environ=SECRETS)
+
+
+def test_the_mail_suite_maps_the_inventory_to_library_calls(tmp_path: Path) -> None:
+    """As opsdrill.dns.suite does for DNS, without pytest: endpoints with their secrets
+    resolved (so registered for redaction), what to wait for, the queue's limits."""
+    inv = _inventory(tmp_path)
+    smtp = mail_suite.smtp_endpoint(inv, "tx")
+    assert (smtp.host, smtp.port, smtp.tls, smtp.password) == (
+        "127.0.0.1",
+        587,
+        "none",
+        "smtp-pw-1",
+    )
+    mailbox = mail_suite.imap_mailbox(inv, "invite")
+    assert (mailbox.user, mailbox.password) == ("probe@mailbox.test", "imap-pw-2")
+    trigger = mail_suite.app_trigger(inv, "invite")
+    assert (trigger.url, trigger.bearer_token) == ("http://127.0.0.1:9/invite", "token-3")
+    assert "token-3" not in redact(f"{trigger.bearer_token}")
+    receive = mail_suite.receive_options(inv.probe("tx"))
+    assert receive.folders[0] == "INBOX" and receive.timeout == inv.probe("tx").timeout_seconds
+    endpoints = mail_suite.probe_endpoints(inv.probe("tx"), "tx")
+    assert (
+        endpoints["smtp"]["user"] == "crm@example.test" and "password_env" not in endpoints["smtp"]
+    )
+    limits = mail_suite.queue_thresholds(inv.queue("email"))
+    assert limits.max_waiting == inv.queue("email").max_waiting
+    assert mail_suite.queue_where(inv.queue("email")) == "Redis 127.0.0.1:6379/0"
+    with pytest.raises(RuntimeError, match=r"probes\.tx\.trigger is missing although"):
+        mail_suite.app_trigger(inv, "tx")  # a direct probe has no trigger: a bug, broken
 
 
 @pytest.mark.parametrize(
@@ -918,8 +948,8 @@ def test_probe_facade_turns_a_refused_credential_into_broken_naming_key_and_vari
     def refuse(*args: Any, **kwargs: Any) -> ProbeResult:
         raise refusal
 
-    monkeypatch.setattr(facade, "run_direct_probe", refuse)
-    monkeypatch.setattr(facade, "run_triggered_probe", refuse)
+    monkeypatch.setattr(mail_suite, "run_direct_probe", refuse)
+    monkeypatch.setattr(mail_suite, "run_triggered_probe", refuse)
     inv = _inventory(tmp_path)
     (target,) = [t for t in facade.mail_targets(inv).probes if t.name == probe]
     check = Check("mail.probe.latency", "normal", "docs/x.md#probe", "mail", "probe")
@@ -946,7 +976,7 @@ def test_queue_facade_turns_a_refused_password_into_broken_naming_key_and_variab
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AuthRejected("queue", "Redis 127.0.0.1:6379/0 rejected", credential="redis")
 
-    monkeypatch.setattr(facade, "bullmq_backlog", refuse)
+    monkeypatch.setattr(mail_suite, "bullmq_backlog", refuse)
     queues = {q.name: q for q in facade.mail_targets(_inventory(tmp_path)).queues}
     with pytest.raises(CredentialsRejected) as caught:
         queues["email"].backlog()
@@ -1231,7 +1261,7 @@ def test_uid_sets_are_compact_and_batches_bounded() -> None:
 def test_untrusted_certificates_are_tls_verify_failures_naming_the_connection(
     tmp_path: Path,
 ) -> None:
-    from opsdrill.stack.mail import make_tls
+    from opsdrill_stack.mail import make_tls
     from tests.mail_fakes import fake_tls
 
     tls = make_tls(tmp_path / "tls")
@@ -1266,8 +1296,8 @@ def test_facades_name_the_ca_file_to_set_for_an_untrusted_certificate(
     def untrusted_redis(*args: Any, **kwargs: Any) -> Any:
         raise TlsVerifyFailed("Redis 127.0.0.1:6379/0: TLS certificate ...", endpoint="redis")
 
-    monkeypatch.setattr(facade, "run_direct_probe", untrusted)
-    monkeypatch.setattr(facade, "bullmq_backlog", untrusted_redis)
+    monkeypatch.setattr(mail_suite, "run_direct_probe", untrusted)
+    monkeypatch.setattr(mail_suite, "bullmq_backlog", untrusted_redis)
     targets = facade.mail_targets(_inventory(tmp_path))
     (tx,) = [t for t in targets.probes if t.name == "tx"]
     with pytest.raises(TargetUnreachable) as caught:
@@ -1283,7 +1313,7 @@ def test_facades_name_the_ca_file_to_set_for_an_untrusted_certificate(
 
 
 def test_insecure_tls_lists_every_connection_without_certificate_checks(tmp_path: Path) -> None:
-    from opsdrill.inventory_probe import insecure_tls
+    from opsdrill.config.probes import insecure_tls
 
     text = (
         INVENTORY.replace(
@@ -1398,7 +1428,7 @@ def test_trigger_headers_and_window_from_the_inventory_reach_the_probe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     import fixtures.mail as facade
-    from opsdrill.inventory import load
+    from opsdrill.config.inventory import load
 
     path = tmp_path / "inventory.toml"
     path.write_text(HEADERS_INVENTORY)
@@ -1414,7 +1444,7 @@ def test_trigger_headers_and_window_from_the_inventory_reach_the_probe(
         calls.append((trigger, kw))
         raise AuthRejected("trigger", "answered 401: refused X-Api-Key", credential="trigger")
 
-    monkeypatch.setattr(facade, "run_triggered_probe", record)
+    monkeypatch.setattr(mail_suite, "run_triggered_probe", record)
     (target,) = [t for t in facade.mail_targets(inv).probes if t.name == "invite"]
     with pytest.raises(CredentialsRejected) as caught:
         target.result(request)
@@ -1465,7 +1495,7 @@ def test_an_untrusted_trigger_certificate_names_the_triggers_ca_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     import fixtures.mail as facade
-    from opsdrill.stack.mail import make_tls
+    from opsdrill_stack.mail import make_tls
     from tests.mail_fakes import fake_tls
 
     tls = make_tls(tmp_path / "tls")
@@ -1473,7 +1503,7 @@ def test_an_untrusted_trigger_certificate_names_the_triggers_ca_file(
     def send_only(trigger: Any, mailbox: Any, **kw: Any) -> Any:
         trigger_app(trigger.url, json_body={}, timeout=5, ca_file=trigger.ca_file)
 
-    monkeypatch.setattr(facade, "run_triggered_probe", send_only)
+    monkeypatch.setattr(mail_suite, "run_triggered_probe", send_only)
     with fake_tls(str(tls.cert), str(tls.key)) as port:
         text = INVENTORY.replace("http://127.0.0.1:9/invite", f"https://127.0.0.1:{port}/invite")
         (target,) = [t for t in facade.mail_targets(_inventory(tmp_path, text)).probes

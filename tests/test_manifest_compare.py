@@ -1,11 +1,11 @@
-"""How a drill judges what a restore produced (opsdrill.manifest.compare), unit by unit."""
+"""How a drill judges what a restore produced (opsdrill.backups.manifest.compare), unit by unit."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from opsdrill.manifest import FORMAT, Manifest, compare, drift
-from opsdrill.pgstats import SnapshotStats, next_value, reuse_problem
+from opsdrill.backups.manifest import FORMAT, Manifest, compare, drift
+from opsdrill.backups.pgstats import SnapshotStats, next_value, reuse_problem
 
 
 def manifest(**parts: Any) -> Manifest:

@@ -28,12 +28,12 @@ from minio.commonconfig import ENABLED
 from minio.error import S3Error
 from minio.versioningconfig import VersioningConfig
 
-from opsdrill import mirror, s3_exact
+from opsdrill.config.inventory import Inventory, load
 from opsdrill.errors import ConfigError, OperationFailed, RefusedError, TargetUnreachable
-from opsdrill.inventory import Inventory, load
-from opsdrill.mirror import SHA_META, MirrorSummary, restore_mirror, run_mirror, target_key
-from opsdrill.stack.procs import free_port
-from opsdrill.stack.s3server import S3Server
+from opsdrill.files import mirror, s3_exact
+from opsdrill.files.mirror import SHA_META, MirrorSummary, restore_mirror, run_mirror, target_key
+from opsdrill_stack.procs import free_port
+from opsdrill_stack.s3server import S3Server
 
 LIVE, OFFSITE, RESTORED, PLAIN = "live-files", "offsite-files", "restored-files", "plain-offsite"
 MiB = 1024 * 1024

@@ -23,7 +23,7 @@ def scan(texts: dict[str, str], secrets: list[str]) -> list[str]:
 
 
 def test_secrets_never_leak(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from opsdrill.inventory import read_env_file
+    from opsdrill.config.envfile import read_env_file
 
     app_env = read_env_file(Path(env.data["secrets"]["app"]["env_file"]))
     # every app value that is a real secret (hosts and addresses are not)

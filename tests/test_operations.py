@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from opsdrill.backup import run_backup
+from opsdrill.backups.backup import run_backup
 from opsdrill.errors import OperationFailed, TargetUnreachable
 from tests.conftest import ROOT, Env, Stack, derive, opsdrill
 from tests.faults import CuttingProxy, failing_gpg_dir
@@ -61,7 +61,7 @@ def test_bad_database_password_exits_nonzero_with_no_object(
 
 
 def test_pg_dump_failure_names_the_stage(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    import opsdrill.backup as backup_mod
+    import opsdrill.backups.backup as backup_mod
 
     real_stage = backup_mod.Stage
 
@@ -205,7 +205,7 @@ def test_stack_up_status_down_via_cli() -> None:
     import json
     import tempfile
 
-    from opsdrill.stack.procs import pid_alive
+    from opsdrill_stack.procs import pid_alive
 
     base = Path(tempfile.mkdtemp(prefix="opsdrill-cli-stack-"))
     try:
@@ -244,7 +244,7 @@ def test_inventory_check_proves_the_drill_key_decrypts(env: Env, tmp_path: Path)
     assert "did not accept opsdrill's passphrase" in bad.stderr
     assert "gpg.drill_passphrase_env = LEAKTEST_WRONG_PASS" in bad.stderr
     assert "not-the-passphrase" not in bad.stderr
-    from opsdrill.stack.gnupg_keys import generate_keypair
+    from opsdrill_stack.gnupg_keys import generate_keypair
 
     env.rewrite(lambda d: d["gpg"].update(drill_passphrase_env=passphrase_env))
     keypair = generate_keypair(tmp_path / "k", "other", "pw-other-1234")
@@ -295,7 +295,7 @@ def test_failed_production_restore_drops_its_partial_database(env: Env) -> None:
 
 
 def test_drill_works_while_live_is_down(env: Env) -> None:
-    from opsdrill.stack.procs import free_port
+    from opsdrill_stack.procs import free_port
 
     env.backup()
     env.rewrite(
@@ -310,7 +310,7 @@ def test_drill_works_while_live_is_down(env: Env) -> None:
 
 
 def test_unreachable_store_exits_2_for_list(env: Env) -> None:
-    from opsdrill.stack.procs import free_port
+    from opsdrill_stack.procs import free_port
 
     env.rewrite(
         lambda d: d["stores"]["offsite"].update(

@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from opsdrill.config.inventory import load
 from opsdrill.errors import ConfigError
-from opsdrill.inventory import load
 from tests.conftest import ROOT, Env, opsdrill, run_pytest
 from tests.test_operations import restore_into_sandbox
 
@@ -247,7 +247,7 @@ HTTP_LIBRARY = re.compile(
 
 
 def test_drill_checks_with_the_store_down_name_the_store_not_the_http_library(env: Env) -> None:
-    from opsdrill.stack.procs import free_port
+    from opsdrill_stack.procs import free_port
 
     env.backup()
     port = free_port()
@@ -267,7 +267,7 @@ def test_drill_checks_with_the_store_down_name_the_store_not_the_http_library(en
 
 
 def test_operations_with_the_store_down_name_the_store_not_the_http_library(env: Env) -> None:
-    from opsdrill.stack.procs import free_port
+    from opsdrill_stack.procs import free_port
 
     env.backup()
     port = free_port()
@@ -292,7 +292,7 @@ def test_operations_with_the_store_down_name_the_store_not_the_http_library(env:
 
 
 def test_an_untrusted_s3_certificate_names_the_stores_ca_file(env: Env, tmp_path: Path) -> None:
-    from opsdrill.stack.mail import make_tls
+    from opsdrill_stack.mail import make_tls
     from tests.mail_fakes import fake_tls
 
     tls = make_tls(tmp_path / "tls")

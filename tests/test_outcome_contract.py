@@ -90,7 +90,7 @@ def login(user, password):  # a long traceback shows this frame's arguments
 
 @LEAK
 def check_secret_in_frame():
-    from opsdrill.secrets import register
+    from opsdrill.redact import register
 
     login("probe@x", register("hunter2-in-a-frame-9c1"))
 """
@@ -370,7 +370,7 @@ def test_the_readme_main_command_exits_with_the_check_runs_code(
 def test_a_wrong_drill_passphrase_is_broken_not_a_bad_backup(env: Env, tmp_path: Path) -> None:
     """gpg says "No secret key" for a wrong passphrase and for a backup encrypted to
     someone else; only the second is the backup's fault."""
-    from opsdrill.envbundle import backup_bundle
+    from opsdrill.secrets.bundle import backup_bundle
 
     env.backup()
     backup_bundle(env.inv, "app")

@@ -20,8 +20,8 @@ import pytest
 
 from opsdrill import pgtools
 from opsdrill.errors import ConfigError
-from opsdrill.stack.demo_crm import create_demo_crm
-from opsdrill.stack.postgres import SUPERUSER, PgCluster, pgserver_bindir
+from opsdrill_stack.demo_crm import create_demo_crm
+from opsdrill_stack.postgres import SUPERUSER, PgCluster, pgserver_bindir
 from tests.conftest import Env, Stack, derive, opsdrill
 from tests.containers import (
     Engine,
@@ -96,7 +96,7 @@ def test_tools_are_chosen_by_the_server_major(
 
 
 def test_pg_bin_dir_is_validated(env: Env) -> None:
-    from opsdrill.inventory import load
+    from opsdrill.config.inventory import load
 
     env.rewrite(
         lambda d: d["databases"]["crm"].update(pg_bin_dir="/usr/lib/postgresql/16/bin/pg_dump")

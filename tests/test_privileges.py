@@ -123,7 +123,7 @@ def test_a_large_object_created_after_the_grant_is_still_readable(
 
 def test_the_preflight_reads_the_catalog_only(restricted: RestrictedRole) -> None:
     """A role without any privilege on the data still gets a complete answer."""
-    from opsdrill.preflight import check_privileges
+    from opsdrill.backups.preflight import check_privileges
 
     password = restricted.env.inv.secret(restricted.env.data["databases"]["crm"]["password_env"])
     restricted.grant(f"REVOKE pg_read_all_data FROM {restricted.name}")

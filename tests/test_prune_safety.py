@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from opsdrill.backups.prune import prune
 from opsdrill.errors import RefusedError
-from opsdrill.prune import prune
 from tests.conftest import ROOT, Env, opsdrill, run_pytest
 from tests.history import (
     corrupt_manifest,
@@ -282,8 +282,8 @@ def test_store_rejecting_a_skewed_request_is_the_clock_refusal() -> None:
     import urllib3
     from minio.error import S3Error
 
-    from opsdrill.inventory import Store
-    from opsdrill.prune import ClockSkew, _list
+    from opsdrill.backups.prune import ClockSkew, _list
+    from opsdrill.config.inventory import Store
 
     server = datetime.now(UTC) - timedelta(hours=1)
     answer = urllib3.HTTPResponse(

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
-from opsdrill.retention import Finding, RetentionPolicy, audit, plan
+from opsdrill.backups.retention import Finding, RetentionPolicy, audit, plan
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)

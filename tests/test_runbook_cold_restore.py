@@ -23,9 +23,9 @@ import pytest
 import tomli_w
 from minio import Minio
 
-from opsdrill.envbundle import backup_bundle
-from opsdrill.mirror import run_mirror
-from opsdrill.stack.postgres import SUPERUSER, PgCluster
+from opsdrill.files.mirror import run_mirror
+from opsdrill.secrets.bundle import backup_bundle
+from opsdrill_stack.postgres import SUPERUSER, PgCluster
 from tests.conftest import ROOT, Stack, derive
 
 RUNBOOK = ROOT / "docs" / "runbooks" / "backup-and-restore.md"

@@ -20,9 +20,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from opsdrill.inventory import load
-from opsdrill.stack import demo_dns
-from opsdrill.stack.knot import (
+from opsdrill.config.inventory import load
+from opsdrill_stack import demo_dns
+from opsdrill_stack.knot import (
     KnotControlError,
     KnotServer,
     _owner,
@@ -30,7 +30,7 @@ from opsdrill.stack.knot import (
     quote_txt,
     txt_rdata,
 )
-from opsdrill.stack.procs import pid_alive
+from opsdrill_stack.procs import pid_alive
 from tests.conftest import Stack
 
 

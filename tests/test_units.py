@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from opsdrill.backups.manifest import Manifest, compare, drift
+from opsdrill.backups.pgstats import SnapshotStats
 from opsdrill.errors import ConfigError, OperationFailed, OpsdrillError
 from opsdrill.gpg import sniff
-from opsdrill.manifest import Manifest, compare, drift
-from opsdrill.pg import SnapshotStats
 from opsdrill.pipeline import HashingReader, Pipeline, Stage
-from opsdrill.secrets import redact, register
+from opsdrill.redact import redact, register
 
 
 def manifest(**tables: int) -> Manifest:

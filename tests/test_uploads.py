@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from minio import Minio
 
-from opsdrill import catalog
+from opsdrill.backups import catalog
 from tests.conftest import ROOT, Env, Stack, derive, opsdrill
 from tests.faults import CuttingProxy
 from tests.registry import proves
@@ -73,7 +73,7 @@ def stand_in_gpg(tmp_path: Path, mode: tuple[str, str]) -> tuple[dict[str, str],
 
 def open_uploads(env: Env, prefix: str | None = None) -> list[Any]:
     """The store's open multipart uploads under ``prefix`` (the database's by default),
-    read with the SDK directly, independently of opsdrill.uploads."""
+    read with the SDK directly, independently of opsdrill.backups.uploads."""
     s3, store = env.s3()
     where = catalog.db_prefix(store, "crm") if prefix is None else prefix
     return list(s3._list_multipart_uploads(store.bucket, prefix=where).uploads)
@@ -214,7 +214,7 @@ def test_store_dropped_mid_upload_leaves_an_upload_the_next_backup_sweeps(
 def test_dangling_uploads_check_is_broken_when_the_store_is_unreachable(
     env: Env, tmp_path: Path
 ) -> None:
-    from opsdrill.stack.procs import free_port
+    from opsdrill_stack.procs import free_port
 
     env.rewrite(lambda d: d["stores"]["offsite"].update(endpoint=f"127.0.0.1:{free_port()}"))
     run = env.run_checks("check_pg_uploads.py")
@@ -258,8 +258,8 @@ def _plant_upload(s3: Minio, bucket: str, key: str) -> str:
 
 
 def test_put_new_never_overwrites(env: Env) -> None:
+    from opsdrill.backups.uploads import KeyExists, put_new
     from opsdrill.errors import RefusedError
-    from opsdrill.uploads import KeyExists, put_new
 
     s3, store = env.s3()
     key = f"{catalog.db_prefix(store, 'crm')}new/object.json"
@@ -278,7 +278,7 @@ def test_put_new_never_overwrites(env: Env) -> None:
 
 
 def test_multipart_upload_completes_once_and_never_over_an_existing_key(env: Env) -> None:
-    from opsdrill.uploads import KeyExists, upload_stream
+    from opsdrill.backups.uploads import KeyExists, upload_stream
 
     s3, store = env.s3()
     key = f"{catalog.db_prefix(store, 'crm')}new/object.dump"
@@ -304,7 +304,7 @@ def test_multipart_upload_completes_once_and_never_over_an_existing_key(env: Env
 def test_dangling_means_older_than_the_threshold(env: Env) -> None:
     """moto reports every upload as initiated on 2010-11-10, so a planted upload is old
     there; the age rule itself is tested on explicit dates."""
-    from opsdrill.uploads import OpenUpload, list_open, older_than
+    from opsdrill.backups.uploads import OpenUpload, list_open, older_than
 
     now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
     fresh = OpenUpload("p/crm/a", "1", now - timedelta(hours=23))
@@ -325,7 +325,7 @@ def test_dangling_means_older_than_the_threshold(env: Env) -> None:
 
 
 def test_minio_private_calls_we_rely_on_are_there() -> None:
-    """opsdrill.uploads drives multipart uploads with the minio client's own request
+    """opsdrill.backups.uploads drives multipart uploads with the minio client's own request
     methods (no public API lists uploads or makes a write conditional): a minio upgrade
     that changes them must fail here, not in a backup."""
     want = {

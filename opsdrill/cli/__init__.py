@@ -6,6 +6,10 @@ Exit codes: the same for every subcommand, one rule, in EXIT_CODES below (the te
 The library raises the error types of opsdrill.errors and main() turns them into these
 codes: OperationFailed 1; ConfigError, TargetUnreachable (CredentialsRejected),
 RefusedError 2; any other exception 2, printed redacted.
+
+Other installed packages add subcommands through the ``opsdrill.commands`` entry point
+group (the repository's local stack adds ``opsdrill stack``): the CLI finds them without
+importing them by name, so the library never depends on what plugs into it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import urllib3
@@ -24,12 +29,21 @@ from minio.error import MinioException, S3Error
 from opsdrill import __version__, metrics, workspace
 from opsdrill.cli.files import cmd_mirror, cmd_mirror_restore, cmd_secrets
 from opsdrill.cli.pg import cmd_backup, cmd_list, cmd_prune, cmd_restore
-from opsdrill.cli.setup import cmd_inventory_check, cmd_stack
+from opsdrill.cli.setup import cmd_inventory_check
 from opsdrill.errors import LockHeld, OpsdrillError
 from opsdrill.memory import return_large_buffers_to_os
-from opsdrill.secrets import redact
+from opsdrill.redact import redact
 
-DEFAULT_STACK_DIR = ".opsdrill-stack"
+# Subcommands from other packages: each entry point of this group is a function taking the
+# subparsers, adding its parser and setting its ``func`` (and ``run_private=False`` if it
+# must run outside the private run directory and umask, as the stack's servers must).
+COMMANDS_GROUP = "opsdrill.commands"
+# What a subcommand documented in the repository is, when its package is not installed.
+NOT_INSTALLED = {
+    "stack": "the local stack is the opsdrill repository's development tool (package "
+    "opsdrill_stack), not part of an opsdrill installation (fix: run it from a checkout "
+    "after make setup, which installs it)",
+}
 # The one statement of the rule: README.md ("Exit codes"), the runbook's "Exit codes" and
 # scripts/backup/run-locked.sh say the same in the same words (tests/test_exit_codes.py).
 EXIT_CODES = """\
@@ -141,22 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chk.set_defaults(func=cmd_inventory_check)
 
-    st = sub.add_parser("stack", help="the local stack: real servers on 127.0.0.1")
-    st_sub = st.add_subparsers(dest="stack_command", required=True)
-    up = st_sub.add_parser("up", help="start servers, write DIR/inventory.toml, return")
-    up.add_argument("--dir", default=DEFAULT_STACK_DIR)
-    up.add_argument("--size-mb", type=int, default=8, help="demo CRM database size")
-    up.add_argument(
-        "--backup",
-        action="store_true",
-        help="run every operation once: backup, mirror, secrets bundle",
-    )
-    down = st_sub.add_parser("down", help="stop the servers by PID and remove DIR")
-    down.add_argument("--dir", default=DEFAULT_STACK_DIR)
-    status = st_sub.add_parser("status", help="show which servers run")
-    status.add_argument("--dir", default=DEFAULT_STACK_DIR)
-    st.set_defaults(func=cmd_stack)
-
     def withinventory_for(sp: argparse.ArgumentParser, db_required: bool = False) -> None:
         sp.add_argument("--inventory", "-i", required=True, help="inventory TOML file")
         sp.add_argument(
@@ -265,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_metrics(rs)
     rs.set_defaults(func=cmd_restore)
+    for command in entry_points(group=COMMANDS_GROUP):
+        command.load()(sub)
     _exit_codes_in_every_help(p)
     return p
 
@@ -279,18 +279,31 @@ def _exit_codes_in_every_help(parser: argparse.ArgumentParser) -> None:
                 _exit_codes_in_every_help(sub)
 
 
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    return {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. SIGTERM and SIGHUP clean up exactly as Ctrl-C does (every
     ``finally`` runs: the spool, the GnuPG home and its agent, the scratch database), then
     exit 128 + the signal: 130 SIGINT, 143 SIGTERM, 129 SIGHUP."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in NOT_INSTALLED and words[0] not in _commands(parser):
+        print(f"opsdrill: error: {words[0]}: {NOT_INSTALLED[words[0]]}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(words)
     return_large_buffers_to_os()
     # Every file an operation creates is this user's alone (umask 077: the spool holds a
     # plaintext dump, a GnuPG home the drill key), in one private directory for the run,
-    # which the next run of the same operation removes if this one is killed. Not for
-    # `stack`, whose servers run as other users.
-    private = args.command != "stack"
+    # which the next run of the same operation removes if this one is killed. Not for a
+    # command that says otherwise (`stack`, whose servers run as other users).
+    private = getattr(args, "run_private", True)
     umask = os.umask(0o077) if private else None
     try:
         with (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from opsdrill.config.inventory import Inventory, load
 from opsdrill.errors import ConfigError
-from opsdrill.inventory import Inventory, load
 
 
 def inventory_for(args: argparse.Namespace, scope: str = "all") -> Inventory:

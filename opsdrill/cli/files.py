@@ -14,11 +14,11 @@ from opsdrill.cli.common import inventory_for
 from opsdrill.errors import ConfigError
 
 if TYPE_CHECKING:
-    from opsdrill.mirror import MirrorSummary
+    from opsdrill.files.mirror import MirrorSummary
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
-    from opsdrill.mirror import run_mirror
+    from opsdrill.files.mirror import run_mirror
 
     inv = inventory_for(args, scope="store")
     names = [args.mirror] if args.mirror else list(inv.model.mirrors)
@@ -34,7 +34,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 
 def cmd_mirror_restore(args: argparse.Namespace) -> int:
-    from opsdrill.mirror import restore_mirror
+    from opsdrill.files.mirror import restore_mirror
 
     inv = inventory_for(args, scope="store")
     inv.mirror(args.mirror)
@@ -65,7 +65,7 @@ def worst(codes: list[int]) -> int:
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
-    from opsdrill import envbundle
+    from opsdrill.secrets import bundle
 
     if args.secrets_command == "backup":
         inv = inventory_for(args, scope="backup")
@@ -74,10 +74,10 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             raise ConfigError(f"{inv.path}: no [secrets.*] defined")
         for name in names:
             inv.bundle(name)
-            manifest = envbundle.backup_bundle(inv, name)
+            manifest = bundle.backup_bundle(inv, name)
             metrics.add_bytes(int(manifest.object.get("size", 0)))
             keys = ", ".join(
-                f"{k} {envbundle.short(v)}"
+                f"{k} {bundle.short(v)}"
                 for k, v in sorted(manifest.keys.items())
                 if k in inv.bundle(name).fingerprint_keys
             )
@@ -90,7 +90,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
         return 0
     inv = inventory_for(args, scope="all" if args.secrets_command == "restore" else "store")
     inv.bundle(args.bundle)
-    refs = [r for r in envbundle.list_bundles(inv, args.bundle) if r.complete]
+    refs = [r for r in bundle.list_bundles(inv, args.bundle) if r.complete]
     if args.secrets_command == "list":
         for ref in refs:
             print(f"{ref.id}  {ref.taken_at:%Y-%m-%d %H:%M:%SZ}")
@@ -98,7 +98,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     chosen = [r for r in refs if r.id == args.id] if args.id else refs[-1:]
     if not chosen:
         raise ConfigError(f"no complete secrets bundle {args.id or ''} for {args.bundle}")
-    raw = envbundle.decrypt_bundle_raw(inv, args.bundle, chosen[0])
+    raw = bundle.decrypt_bundle_raw(inv, args.bundle, chosen[0])
     target = Path(args.to)
     if target.exists() and not args.force:
         raise ConfigError(f"{target} exists; refusing to overwrite it (fix: --force)")
@@ -106,6 +106,6 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "wb") as fh:
         fh.write(raw)
     os.chmod(target, 0o600)
-    restored_keys = len(envbundle.parse_env_bytes(raw, str(target)))
+    restored_keys = len(bundle.parse_env_bytes(raw, str(target)))
     print(f"restored {restored_keys} keys from {chosen[0].id} into {target} (mode 0600)")
     return 0

@@ -9,20 +9,20 @@ from typing import TYPE_CHECKING
 
 from opsdrill import metrics
 from opsdrill.cli.common import databases_in, inventory_for
+from opsdrill.config.inventory import Inventory
 from opsdrill.errors import ConfigError, OpsdrillError, RefusedError
-from opsdrill.inventory import Inventory
 
 if TYPE_CHECKING:
-    from opsdrill.drill import DrillReport
+    from opsdrill.backups.drill import DrillReport
     from opsdrill.pg import Endpoint
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Each database in turn. One whose lock another run holds is skipped (said on stderr)
     and the others still run; the command then exits 75 (``LockHeld``) if none failed."""
-    from opsdrill.backup import run_backup
+    from opsdrill.backups.backup import run_backup
+    from opsdrill.backups.uploads import Swept
     from opsdrill.errors import LockHeld
-    from opsdrill.uploads import Swept
 
     inv = inventory_for(args, scope="backup")
     skipped: list[LockHeld] = []
@@ -53,7 +53,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from opsdrill import catalog
+    from opsdrill.backups import catalog
     from opsdrill.s3 import client, store_call
 
     inv = inventory_for(args, scope="store")
@@ -70,7 +70,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from opsdrill.prune import prune
+    from opsdrill.backups.prune import prune
 
     inv = inventory_for(args, scope="store")
     for name in databases_in(inv, args.database):
@@ -88,7 +88,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from opsdrill.drill import drill
+    from opsdrill.backups.drill import drill
 
     inv = inventory_for(args)
     if args.drill:
@@ -123,10 +123,10 @@ def drill_summary(report: DrillReport) -> str:
 
 def restore_interactive(inv: Inventory, args: argparse.Namespace) -> int:
     """A production restore: into a NEW database, the old one kept for swapping back."""
-    from opsdrill import restore
+    from opsdrill.backups import restore
+    from opsdrill.backups.scratch import create_database, drop_database
     from opsdrill.pg import Endpoint
     from opsdrill.progress import Progress
-    from opsdrill.scratch import create_database, drop_database
 
     db = inv.database(args.database)
     ref, manifest = restore.pick_backup(inv, args.database, args.backup)

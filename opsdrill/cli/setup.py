@@ -1,12 +1,11 @@
-"""Handlers: inventory validation and the local stack."""
+"""Handlers: inventory validation."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from opsdrill.inventory import Inventory, load
+from opsdrill.config.inventory import Inventory, load
 
 
 def cmd_inventory_check(args: argparse.Namespace) -> int:
@@ -35,7 +34,7 @@ def cmd_inventory_check(args: argparse.Namespace) -> int:
 def _warn_insecure_tls(inv: Inventory) -> None:
     """``verify = false`` towards another host is legal but never silent: the checks pass
     while anyone on the path could pose as the server and read the password."""
-    from opsdrill.inventory_probe import insecure_tls
+    from opsdrill.config.probes import insecure_tls
 
     for key, host, loopback in insecure_tls(inv.model.probes, inv.model.queues):
         if loopback:
@@ -51,9 +50,9 @@ def _warn_insecure_tls(inv: Inventory) -> None:
 
 def _preflight(inv: Inventory) -> None:
     """Each database's backup role can read what pg_dump reads; every problem at once."""
+    from opsdrill.backups.preflight import check_privileges
     from opsdrill.errors import PrivilegesMissing
     from opsdrill.pg import database_endpoint
-    from opsdrill.preflight import check_privileges
 
     problems = []
     for name in inv.model.databases:
@@ -69,29 +68,3 @@ def _preflight(inv: Inventory) -> None:
             )
     if problems:
         raise PrivilegesMissing("backup pre-flight: " + "\n".join(problems))
-
-
-def cmd_stack(args: argparse.Namespace) -> int:
-    from opsdrill.stack import LocalStack
-
-    stack = LocalStack(Path(args.dir).resolve(), size_mb=getattr(args, "size_mb", 8))
-    if args.stack_command == "up":
-        path = stack.up()
-        print(f"local stack up: inventory {path}")
-        if args.backup:
-            from opsdrill.stack import prime
-
-            for line in prime(path):
-                print(line)
-        return 0
-    if args.stack_command == "down":
-        stack.down()
-        print(f"local stack in {stack.base} stopped and removed")
-        return 0
-    status = stack.status()
-    if not status:
-        print(f"no local stack in {stack.base}")
-        return 1
-    for name, state in status.items():
-        print(f"{name}: {state}")
-    return 0 if all(s == "running" for s in status.values()) else 1

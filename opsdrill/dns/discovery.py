@@ -14,14 +14,16 @@ report, never silently dropped.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
+from opsdrill.config.inventory import Inventory
+from opsdrill.config.mail import normalise_domain
 from opsdrill.errors import ConfigError, TargetUnreachable
-from opsdrill.inventory import Inventory
-from opsdrill.inventory_mail import normalise_domain
+from opsdrill.findings import Finding
 from opsdrill.pg import database_endpoint
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -49,6 +51,28 @@ class Discovery:
             "domains": sorted(self.domains),
             "invalid_values": list(self.invalid),
         }
+
+
+def discovery_findings(found: Discovery, listed: Collection[str]) -> list[Finding]:
+    """Each discovered domain the inventory does not describe (``listed``: its
+    ``sending_domains``), then each value that is no domain name."""
+    findings = [
+        Finding(
+            "discovery.unlisted",
+            f"domain {domain} sends mail but the inventory says nothing about which provider "
+            f'sends for it (fix: add [sending_domains."{domain}"] with its providers)',
+        )
+        for domain in sorted(found.domains - set(listed))
+    ]
+    findings += [
+        Finding(
+            "discovery.invalid",
+            f"value {value!r} from the discovery query is not a domain name (fix the query "
+            "or the row: the domain cannot be checked)",
+        )
+        for value in found.invalid
+    ]
+    return findings
 
 
 def _domain(value: object) -> str | None:

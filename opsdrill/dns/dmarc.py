@@ -10,7 +10,7 @@ destination authorising the reports (RFC 7489 7.1: a ``v=DMARC1`` TXT record at
 as configured (default ``r``).
 
 Inherited policy (RFC 7489 6.6.3): when ``_dmarc.<domain>`` holds no ``v=DMARC1`` record,
-receivers use the record of the domain's organisational domain (``opsdrill.orgdomain``:
+receivers use the record of the domain's organisational domain (``opsdrill.dns.orgdomain``:
 the Public Suffix List), and its ``sp=`` (default ``p=``) is the policy of the domain and
 of every name under it. Such a report is ``inherited_from`` that domain, its ``name`` is
 the inherited record's, and every finding on that record says it was inherited. The one
@@ -34,10 +34,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from opsdrill.dns.findings import DnsReport, finding, quote, quote_all
+from opsdrill.dns.orgdomain import organisational_domain, same_organisation
 from opsdrill.dns.resolver import DnsAnswer, Lookups, Resolver, normalise_name
 from opsdrill.dns.tags import TagList, parse_tags
 from opsdrill.errors import ConfigError
-from opsdrill.orgdomain import organisational_domain, same_organisation
 
 POLICIES = ("none", "quarantine", "reject")
 ALIGNMENT = ("r", "s")

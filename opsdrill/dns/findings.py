@@ -6,8 +6,9 @@ the domain, the record, what was expected and what was found:
     DNS example.com TXT spf: expected '-all', found '~all'
 
 ``code`` is a stable machine id (``spf.softfail``) that checks and tests match on; the
-message is for humans and may be reworded. Reports keep every DNS answer they looked at so
-a check can attach the raw answers to Allure as evidence.
+message is for humans and may be reworded (the type is every area's:
+``opsdrill.findings.Finding``). Reports keep every DNS answer they looked at so a check
+can attach the raw answers to Allure as evidence.
 """
 
 from __future__ import annotations
@@ -16,15 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opsdrill.dns.resolver import DnsAnswer
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str
-    message: str
-
-    def evidence(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+from opsdrill.findings import Finding as Finding  # every area's finding type
 
 
 def finding(code: str, name: str, rdtype: str, what: str, expected: str, found: str) -> Finding:

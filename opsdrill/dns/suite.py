@@ -13,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from opsdrill.config.inventory import Inventory
+from opsdrill.config.mail import DmarcExpectation, ExpectedSelector, Migration
 from opsdrill.dns.dkim import DkimReport, analyse_dkim
 from opsdrill.dns.dmarc import DmarcReport, analyse_dmarc
-from opsdrill.dns.findings import DnsReport, Finding
+from opsdrill.dns.findings import DnsReport, Finding, finding
 from opsdrill.dns.mx import MxReport, analyse_mx
 from opsdrill.dns.resolver import Resolver
 from opsdrill.dns.spf import SpfReport, analyse_spf
-from opsdrill.inventory import Inventory
-from opsdrill.inventory_mail import DmarcExpectation, ExpectedSelector, Migration
 
 # RFC 7208 4.6.4: limits every receiver enforces; not configurable on purpose.
 MAX_LOOKUPS = 10
@@ -119,6 +119,44 @@ def migration_spf_report(resolver: Resolver, exp: DomainExpectations) -> SpfRepo
         max_lookups=MAX_LOOKUPS,
         max_void_lookups=MAX_VOID_LOOKUPS,
     )
+
+
+def providers_missing(report: SpfReport, exp: DomainExpectations) -> list[str]:
+    """For each required mechanism the record does not authorise, which expected
+    providers need it: ``include:_spf.google.com is needed by provider google``."""
+    return [
+        f"{mechanism} is needed by provider {', '.join(exp.providers_needing(mechanism))}"
+        for mechanism in exp.required_spf
+        if mechanism not in report.required_found
+    ]
+
+
+def migration_missing(report: SpfReport, exp: DomainExpectations) -> list[str]:
+    """Each mechanism of either end of the migration the record does not authorise, by
+    provider: ``include:amazonses.com for provider ses``."""
+    return [
+        f"{mechanism} for provider {name}"
+        for name, mechanisms in exp.migration_ends.items()
+        for mechanism in mechanisms
+        if mechanism not in report.required_found
+    ]
+
+
+def migration_rua_findings(report: DmarcReport) -> list[Finding]:
+    """A migration needs aggregate reports to confirm both providers align, whatever the
+    inventory's ``require_rua``: a record without ``rua=`` is a finding here."""
+    if report.record is None or report.rua:
+        return []
+    return [
+        finding(
+            "dmarc.rua_missing",
+            report.name,
+            "TXT",
+            "dmarc",
+            "rua= with at least one mailto: URI (reports confirm both providers align)",
+            "no rua= URI (the inventory does not require one, the migration does)",
+        )
+    ]
 
 
 def dkim_report(resolver: Resolver, exp: DomainExpectations, sel: ExpectedSelector) -> DkimReport:

@@ -1,9 +1,9 @@
 """The application's environment, for the runbook's "is EMAIL_REDIRECT_TO set?" step.
 
-The environment is read the way the secrets bundle reads it (``opsdrill.envbundle``:
-an env file, or a command such as ``docker exec app printenv`` run without a shell, in
-its own process group, bounded, its output never shown) and parsed by opsdrill's one
-.env reader (``opsdrill.envfile``: python-dotenv's semantics). Every value is registered
+The environment is read and parsed by opsdrill's one .env reader, as the secrets bundle
+reads it (``opsdrill.config.envfile``: an env file, or a command such as ``docker exec
+app printenv`` run without a shell, in its own process group, bounded, its output never
+shown; python-dotenv's semantics). Every value is registered
 as a secret so ``redact`` masks it anywhere, except the keys named ``public``: the check
 must be able to show EMAIL_REDIRECT_TO's value (an address), and a registered value would
 be masked in its own failure message.
@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from opsdrill.envbundle import _run
-from opsdrill.envfile import parse_env_bytes, warn_if_exposed
+from opsdrill.config.envfile import parse_env_bytes, read_env_bytes, run_env_command
 from opsdrill.errors import ConfigError
-from opsdrill.secrets import register
+from opsdrill.redact import register
 
 DEFAULT_COMMAND_TIMEOUT = 30.0
 
@@ -39,17 +38,13 @@ def read_app_env(
     if env_file is not None:
         path = Path(env_file)
         where = str(path)
-        warn_if_exposed(path, "the application's env_file")
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"application env_file {path}: cannot read: {exc.strerror}") from None
+        raw = read_env_bytes(path, "application env_file", "the application's env_file")
     else:
         if not command:  # None is excluded above; an empty list is a configuration error
             raise ConfigError("application env command: empty")
         argv = list(command)
         where = f"output of {argv[0]}"
-        raw = _run(argv, timeout, f"application env command {argv[0]}")
+        raw = run_env_command(argv, timeout, f"application env command {argv[0]}")
     values = parse_env_bytes(raw, where)
     shown = set(public)
     for key, value in values.items():

@@ -7,7 +7,7 @@ a signature failure. Every ``DKIM-Signature`` is verified and reported on its ow
 message commonly carries the provider's signature and ours.
 
 Alignment (DMARC, RFC 7489 3.1.1): relaxed means ``d=`` and the From domain share an
-organisational domain, found with the Public Suffix List (``opsdrill.orgdomain``, the rule
+organisational domain, found with the Public Suffix List (``opsdrill.dns.orgdomain``, the rule
 DMARC policy discovery uses too: ``d=other.co.uk`` does not align with ``example.co.uk``);
 strict means they are equal. ``aligned`` serves SPF alignment (the envelope domain) alike.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import dkim
 from dkim.util import DuplicateTag, InvalidTagValueList
 
+from opsdrill.dns.orgdomain import same_organisation
 from opsdrill.dns.resolver import Resolver, normalise_name
 from opsdrill.mail.message import from_domain, parse_headers
-from opsdrill.orgdomain import same_organisation
 
 
 @dataclass(frozen=True)

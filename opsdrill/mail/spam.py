@@ -6,6 +6,9 @@ library) and ``spamc``/``spamassassin-client`` are unmaintained; none parses the
 report's rule table, which is the part we need. Talking to spamd directly (instead of
 running ``spamc``) needs no binary on the machine that runs the checks.
 
+The only SPAMC client of the repository: the local stack's spamd uses it too (``PING`` for
+its readiness, ``REPORT`` for the tests).
+
 Request:  ``REPORT SPAMC/1.5`` / ``Content-length: N`` / blank line / the message.
 Response: ``SPAMD/1.1 0 EX_OK`` / ``Spam: True ; 15.3 / 5.0`` / blank line / the report,
 whose "Content analysis details" table lists each rule that fired:
@@ -167,3 +170,16 @@ def score_with_spamd(
         report=verdict.report,
         elapsed_seconds=time.monotonic() - started,
     )
+
+
+def spamd_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether spamd answers ``PING`` (``SPAMD/1.5 0 PONG``): it is up and has compiled its
+    rules. Never raises: a closed port or a silent server is False."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING SPAMC/1.5\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            reply = sock.recv(64)
+    except OSError:
+        return False
+    return reply.startswith(b"SPAMD/")

@@ -21,7 +21,7 @@ import urllib3
 from opsdrill.errors import ConfigError, TargetUnreachable
 from opsdrill.mail._net import excerpt, is_cert_failure, tls_context
 from opsdrill.mail.errors import AuthRejected, Endpoint, ProbeFailed, TlsVerifyFailed
-from opsdrill.secrets import redact, register
+from opsdrill.redact import redact, register
 
 STAGE = "trigger"
 EXCERPT_BYTES = 2048

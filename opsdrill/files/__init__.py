@@ -1,0 +1,1 @@
+"""The files bucket: the incremental off-site mirror and what judges it."""

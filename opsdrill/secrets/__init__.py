@@ -1,0 +1,1 @@
+"""The application's secrets: the encrypted .env bundle (``bundle``)."""
