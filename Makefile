@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # node_modules (package-lock.json): Allure 3 for `make report`, BullMQ for the queue tests.
 NPM_STAMP := node_modules/.opsdrill-installed
 
-.PHONY: setup system verify test lint bench clean
+.PHONY: setup system verify test test-quick lint bench clean
 
 setup: system $(STAMP)
 
@@ -36,9 +36,13 @@ verify:
 test: setup lint $(NPM_STAMP)
 	$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS)
 
+# The quick tests alone (tests/unit: no server, no container): about a minute.
+test-quick: setup
+	$(BIN)/python -m pytest tests -m unit -n $(PYTEST_WORKERS)
+
 lint: setup
-	$(BIN)/ruff check opsdrill opsdrill_stack fixtures checks tests benchmarks conftest.py
-	$(BIN)/ruff format --check opsdrill opsdrill_stack fixtures checks tests benchmarks conftest.py
+	$(BIN)/ruff check opsdrill opsdrill_stack opsdrill_pytest opsdrill_checks tests benchmarks
+	$(BIN)/ruff format --check opsdrill opsdrill_stack opsdrill_pytest opsdrill_checks tests benchmarks
 	$(BIN)/mypy
 
 bench: setup

@@ -7,13 +7,13 @@
 //   Lines file that is carried from run to run (kept locally under reports/, cached in CI).
 // - Categories: Allure 3's Awesome report ignores categories.json in the results directory
 //   (it only keeps it as Allure 2 metadata), so the same file is read here. The file the
-//   pytest controller copied into the results wins; reports/categories.json is the fallback.
+//   pytest controller copied into the results wins; opsdrill_pytest/categories.json is the fallback.
 //   environment.properties is read from the results directory by Allure itself.
 import { existsSync, readFileSync } from "node:fs";
 
 const env = process.env;
 const reportName = env.OPSDRILL_REPORT_NAME || "opsdrill verification";
-const categoriesFile = [env.OPSDRILL_CATEGORIES, "reports/categories.json"].find(
+const categoriesFile = [env.OPSDRILL_CATEGORIES, "opsdrill_pytest/categories.json"].find(
   (path) => path && existsSync(path),
 );
 const categories = categoriesFile ? JSON.parse(readFileSync(categoriesFile, "utf8")) : [];

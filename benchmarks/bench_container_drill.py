@@ -9,7 +9,7 @@ One local stack is started with --size MB of demo CRM data and backed up once. P
              call to the first connection), then its removal
 The container gets the stack sandbox's throwaway settings (fsync off...), so both servers
 are configured alike. The ratio compares medians (container / server). The Docker engine
-and images are the test harness's (tests/containers.py: our own dockerd when none runs,
+and images are the test harness's (tests/helpers/containers.py: our own dockerd when none runs,
 images built locally).
 A measurement: exits 0 whatever the ratio, 1 when a drill failed, 2 when no engine can run.
 Results also go to benchmarks/results/container-latest.json.
@@ -34,12 +34,12 @@ from pathlib import Path
 import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the test harness's engine and images (tests/containers.py)
+sys.path.insert(0, str(REPO))  # the test harness's engine and images (tests/helpers/containers.py)
 
 from opsdrill.containers import sandbox_container  # noqa: E402
 from opsdrill_stack.local import LocalStack  # noqa: E402
 from opsdrill_stack.postgres import FAST_SETTINGS  # noqa: E402
-from tests.containers import Unavailable, engine_session, ensure_images  # noqa: E402
+from tests.helpers.containers import Unavailable, engine_session, ensure_images  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "container-latest.json"
 

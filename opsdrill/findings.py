@@ -3,7 +3,7 @@
 A finding names a problem a user must act on: a stable ``code`` that checks select on
 (``spf.softfail``, ``backup.encryption.recipients``) and a ``message`` for people, naming
 where, what was expected and what was found. The library computes findings; a check only
-selects the codes it covers and fails with their messages (``fixtures.dns.fail_with``),
+selects the codes it covers and fails with their messages (``opsdrill_pytest.dns.fail_with``),
 so what is judged can be unit-tested without pytest, Allure or a target.
 """
 

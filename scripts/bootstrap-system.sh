@@ -8,14 +8,14 @@ packages=(postgresql postgresql-contrib zstd gzip pigz gnupg util-linux procps k
 # SpamAssassin (spamd + spamc: local scoring), Redis (the BullMQ queue), openssl.
 packages+=(postfix dovecot-imapd dovecot-lmtpd dovecot-sieve opendkim opendkim-tools
   spamassassin spamc spamd redis-server openssl)
-# faketime (libfaketime): tests/test_prune_safety.py runs the real CLI and checks with the
+# faketime (libfaketime): tests/faults/test_prune_safety.py runs the real CLI and checks with the
 # host clock off from the S3 server's, to prove prune refuses to judge ages by it.
 packages+=(faketime)
-# docker.io + debootstrap: the container tests (tests/containers.py) start their own dockerd
+# docker.io + debootstrap: the container tests (tests/helpers/containers.py) start their own dockerd
 # when none runs and build their PostgreSQL images from a debootstrap rootfs (no image
 # registry needed); docker.io's own service is not started (policy-rc.d below).
 packages+=(docker.io debootstrap)
-# chromium: renders the Allure report in tests/test_report.py (headless). CI jobs that only
+# chromium: renders the Allure report in tests/integration/test_report.py (headless). CI jobs that only
 # verify and report set OPSDRILL_SKIP_BROWSER=1 (ci-templates/): they never open the report.
 if [ "${OPSDRILL_SKIP_BROWSER:-}" != 1 ]; then
   packages+=(chromium)

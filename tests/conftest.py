@@ -32,7 +32,7 @@ from opsdrill.config.inventory import Inventory, load
 from opsdrill.s3 import client
 from opsdrill_stack.gnupg_keys import Keypair, generate_keypair
 from opsdrill_stack.local import LocalStack
-from tests.registry import MARK
+from tests.helpers.registry import MARK
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -309,12 +309,12 @@ def run_checks(
 ) -> CheckRun:
     """Run the real checks in a subprocess, the way users do, and read Allure's results."""
     results_dir = (workdir or inventory.parent) / f"allure-{uuid.uuid4().hex[:6]}"
-    paths = [str(ROOT / "checks" / s) if s.endswith(".py") else s for s in selectors]
+    paths = [str(ROOT / "opsdrill_checks" / s) if s.endswith(".py") else s for s in selectors]
     argv = [
         sys.executable,
         "-m",
         "pytest",
-        *(paths or [str(ROOT / "checks")]),
+        *(paths or [str(ROOT / "opsdrill_checks")]),
         "--inventory",
         str(inventory),
         "-p",
@@ -341,6 +341,30 @@ def run_pytest(argv: list[str], results_dir: Path, cwd: Path = ROOT) -> CheckRun
     return run
 
 
+KINDS = ("unit", "integration", "faults")
+# What a quick (unit) test may not use: these start servers or containers.
+SLOW_FIXTURES = frozenset({"stack", "env", "docker_engine", "pg_images"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by the folder it lives in (``make test-quick`` runs ``-m unit``), and
+    refuse a unit test that starts the local stack or a container: it belongs in
+    ``tests/integration`` or ``tests/faults``, or ``make test-quick`` would not be quick."""
+    misplaced = []
+    for item in items:
+        kind = item.path.parent.name
+        if kind not in KINDS:
+            continue
+        item.add_marker(getattr(pytest.mark, kind))
+        slow = SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if kind == "unit" and slow:
+            misplaced.append(f"{item.nodeid} (uses {', '.join(sorted(slow))})")
+    if misplaced:
+        raise pytest.UsageError(
+            "unit tests must not start servers; move to tests/integration: " + "; ".join(misplaced)
+        )
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
     report = yield
@@ -351,7 +375,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 
 @pytest.fixture(autouse=True)
 def _verify_claims(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test marked ``@proves(failed=..., broken=...)`` (tests/registry.py) must really
+    """A test marked ``@proves(failed=..., broken=...)`` (tests/helpers/registry.py) must really
     show each claimed check id with that Allure status in one of its check runs."""
     RUNS.clear()
     yield

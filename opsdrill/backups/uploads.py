@@ -23,7 +23,7 @@ does minio have a public call to list uploads (its ListMultipartUploadsResult al
 NextUploadIdMarker, so the listing is parsed here). We use the client's own request
 methods instead (``_create_multipart_upload``, ``_upload_part``, ``_abort_multipart_upload``,
 ``_complete_multipart_upload``, ``_put_object``, ``_execute``): private in minio 7.2
-(pyproject: ``minio>=7.2,<8``; 7.2.20 here); tests/test_uploads.py fails when an upgrade
+(pyproject: ``minio>=7.2,<8``; 7.2.20 here); tests/faults/test_uploads.py fails when an upgrade
 changes them. Signing, retries and timeouts stay the client's.
 """
 

@@ -45,7 +45,7 @@ NOT_INSTALLED = {
     "after make setup, which installs it)",
 }
 # The one statement of the rule: README.md ("Exit codes"), the runbook's "Exit codes" and
-# scripts/backup/run-locked.sh say the same in the same words (tests/test_exit_codes.py).
+# scripts/backup/run-locked.sh say the same in the same words (tests/faults/test_exit_codes.py).
 EXIT_CODES = """\
 Exit codes (the same for every subcommand):
   0    success.

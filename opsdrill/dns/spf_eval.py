@@ -1,7 +1,7 @@
 """RFC 7208 ``check_host()`` on pyspf, fed by our ``Resolver``.
 
 pyspf (module ``spf``) is the reference implementation, tested against the same RFC 7208
-suite we run (tests/test_dns_spf_rfc7208.py): macros, a/mx/ptr/exists/ip4/ip6 with dual
+suite we run (tests/unit/test_dns_spf_rfc7208.py): macros, a/mx/ptr/exists/ip4/ip6 with dual
 CIDR, redirect, exp, and the lookup and void-lookup limits. We only replace its DNS
 boundary. pyspf calls one module-level function, ``spf.DNSLookup``; we install a single
 dispatcher once that asks the resolver held in a ``ContextVar``, so concurrent calls from

@@ -1,0 +1,1 @@
+"""Tests against the local stack's real servers (marker ``integration``)."""

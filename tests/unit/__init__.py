@@ -1,0 +1,1 @@
+"""Quick tests: no local stack, no container (marker ``unit``; ``make test-quick``)."""
