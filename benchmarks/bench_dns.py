@@ -20,7 +20,25 @@ Every generated record is correct, so a finding is a bug in this generator or in
 opsdrill.dns: the findings are printed and the script exits 1, as it does when Knot fails
 or a query times out. A missed target prints MISS and exits 0. Results also go to
 benchmarks/results/dns-latest.json.
+
+End to end against a peer, checkdmarc (PyPI 6.0.4, in a venv of its own: --checkdmarc,
+default /var/tmp/opsdrill-peers/checkdmarc/bin/checkdmarc). Its -n option takes resolvers
+on port 53 only, so the same knotd also listens on --peer-address (127.0.0.77) port 53.
+Both are timed from process start to exit, interleaved with the library rows (the order
+rotated per repeat): ``pytest <checks> -m dns --inventory <the generated inventory>`` (cwd
+the repository; <checks> is opsdrill_checks/, or checks/ before the rename), and
+``checkdmarc <domains file> -o out.json -n <peer address>``. Target: opsdrill >= 2x faster,
+the median of the per-repeat ratios. What each judges differs: checkdmarc has no DKIM
+check at all (no selector option), no check_host for a sending IP and no expectations
+(providers, forbidden MX); it checks SOA, NS, DNSSEC (DS and DNSKEY over TCP), MTA-STS and
+TLS-RPT records, the MX hosts (A/AAAA, PTR, TLSA), SPF (record, include tree, lookup
+counts), DMARC (record, rua authorisation) and BIMI (selector "default"). Its queries are
+counted in one untimed run (dnspython's query functions wrapped). A missing checkdmarc, or
+port 53 on the peer address not free (not root, or taken), prints SKIP and the opsdrill end
+to end row still runs; a failed pytest run (any check not passing) or a checkdmarc crash
+is a failure (exit 1).
 Usage: python benchmarks/bench_dns.py [--domains 100] [--workers 16] [--repeat 3] [--keep]
+       [--checkdmarc PATH] [--peer-address 127.0.0.77]
 """
 
 from __future__ import annotations
@@ -29,15 +47,19 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -55,6 +77,17 @@ from opsdrill_stack.knot import KnotServer
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "dns-latest.json"
 TARGET_SECONDS = 2.0  # per 100 domains; other --domains values scale it linearly
+# The check suite users run: renamed from checks/ to opsdrill_checks/.
+CHECKS = REPO / "opsdrill_checks" if (REPO / "opsdrill_checks").is_dir() else REPO / "checks"
+PEERS = Path("/var/tmp/opsdrill-peers")
+CHECKDMARC = PEERS / "checkdmarc" / "bin" / "checkdmarc"
+CHECKDMARC_INSTALL = (
+    f"python3 -m venv {PEERS / 'checkdmarc'} && "
+    f"{PEERS / 'checkdmarc' / 'bin' / 'pip'} install checkdmarc==6.0.4"
+)
+PEER_ADDRESS = "127.0.0.77"  # checkdmarc -n takes port 53 only
+TARGET_PEER_SPEEDUP = 2.0  # checkdmarc's end-to-end time / opsdrill's, median of repeats
+E2E_TIMEOUT = 600.0
 OWN_SELECTOR = "s1"
 REPORTS_ZONE = "dmarc-reports.test"
 RUA = f"mailto:dmarc@{REPORTS_ZONE}"
@@ -187,6 +220,36 @@ class Task:
     run: Callable[[Resolver], DnsReport]
 
 
+@dataclass
+class PeerKnot(KnotServer):
+    """The bench's Knot, also listening on ``peer_address`` port 53 when set: one server
+    answers opsdrill (its own port) and checkdmarc (port 53 only) alike."""
+
+    peer_address: str | None = None
+
+    def _write_config(self, port: int) -> None:
+        super()._write_config(port)
+        if self.peer_address:
+            text = self.conf.read_text()
+            own = f"listen: 127.0.0.1@{port}"
+            both = f"listen: [ 127.0.0.1@{port}, {self.peer_address}@53 ]"
+            if own not in text:
+                raise RuntimeError(f"unexpected knot.conf (no '{own}'): {self.conf}")
+            self.conf.write_text(text.replace(own, both))
+
+
+def port53_free(address: str) -> str:
+    """Why ``address`` port 53 cannot be served ('' when it can): Knot exits when any of
+    its listen addresses fails to bind, so this is checked before it starts."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((address, 53))
+            except OSError as exc:
+                return f"cannot listen on {address}:53 ({exc.strerror}; root needed, or taken)"
+    return ""
+
+
 def generate(count: int, dkim_dir: Path) -> tuple[list[Domain], dict[str, str], int]:
     """The domains, every zone's text, and how many RSA keys were generated."""
     dkim_dir.mkdir(mode=0o700)
@@ -301,6 +364,167 @@ def findings_of(run: Run) -> list[str]:
     ]
 
 
+# -- end to end: the pytest run and checkdmarc, each from process start to exit ------------
+_OUTCOME = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)")
+_SESSION = re.compile(r" in ([\d.]+)s\b")
+COUNT_QUERIES = '''\
+"""checkdmarc's CLI with dnspython's query functions counted (written by bench_dns.py).
+Usage: python count_queries.py COUNTS.json CHECKDMARC-ARGS..."""
+import collections
+import json
+import sys
+
+import dns.query
+import dns.rdatatype
+
+counts = collections.Counter()
+
+
+def counted(name, send):
+    def query(q, *args, **kwargs):
+        counts[f"{name} {dns.rdatatype.to_text(q.question[0].rdtype)}"] += 1
+        return send(q, *args, **kwargs)
+
+    return query
+
+
+for name in ("udp", "tcp", "tls", "https", "quic"):
+    if hasattr(dns.query, name):
+        setattr(dns.query, name, counted(name, getattr(dns.query, name)))
+
+from checkdmarc._cli import _main
+
+out = sys.argv[1]
+sys.argv = ["checkdmarc", *sys.argv[2:]]
+try:
+    _main()
+finally:
+    with open(out, "w") as f:
+        json.dump(dict(counts), f)
+'''
+
+
+@dataclass
+class E2e:
+    """One process, start to exit."""
+
+    seconds: float
+    session: float | None = None  # pytest's own figure (its summary line), after start-up
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def timed(
+    argv: Sequence[str], what: str, cwd: Path | None = None, check: bool = True
+) -> tuple[float, int, str]:
+    """Wall seconds from spawning ``argv`` to its exit, its exit code and its output."""
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            argv,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=E2E_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what} did not finish within {E2E_TIMEOUT:g} s") from None
+    seconds = time.perf_counter() - started
+    output = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{what} exited {proc.returncode}:\n{output[-2000:]}")
+    return seconds, proc.returncode, output
+
+
+def pytest_argv(inventory: Path) -> list[str]:
+    """The DNS checks as a user runs them (cwd the repository); no cache dir written."""
+    return [
+        *(sys.executable, "-m", "pytest", CHECKS.name, "-m", "dns"),
+        *("--inventory", str(inventory), "-p", "no:cacheprovider", "-q"),
+    ]
+
+
+def run_pytest(inventory: Path) -> tuple[E2e, list[str]]:
+    """The whole DNS check run, and its problems: on zones generated to be correct, any
+    check that did not pass (or skip: no discovery, no migration configured) is a bug."""
+    seconds, code, output = timed(pytest_argv(inventory), "pytest -m dns", REPO, check=False)
+    lines = output.splitlines()
+    last = next((line for line in reversed(lines) if _SESSION.search(line)), "")
+    outcomes: dict[str, int] = {}
+    for n, word in _OUTCOME.findall(last):
+        key = "errors" if word.startswith("error") else word
+        outcomes[key] = outcomes.get(key, 0) + int(n)
+    session = _SESSION.search(last)
+    problems: list[str] = []
+    if code != 0 or outcomes.get("failed") or outcomes.get("errors"):
+        failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+        problems = failed or [f"pytest exited {code}:", *lines[-15:]]
+    elif not outcomes.get("passed"):
+        problems = ["pytest ran no check:", *lines[-15:]]
+    return E2e(seconds, float(session.group(1)) if session else None, outcomes), problems
+
+
+def interpreter_of(script: Path) -> str:
+    """The Python a console script runs with (its shebang), to run a wrapper with."""
+    first = script.read_bytes().split(b"\n", 1)[0].decode(errors="replace")
+    if first.startswith("#!") and "python" in first:
+        return first[2:].strip().split()[0]
+    return str(script.parent / "python")
+
+
+@dataclass(frozen=True)
+class Checkdmarc:
+    binary: Path
+    domains_file: Path
+    out: Path
+    address: str
+
+    def args(self) -> list[str]:  # the domains file first: -n takes every later word
+        return [str(self.domains_file), "-o", str(self.out), "-n", self.address]
+
+    def version(self) -> str:
+        return timed([str(self.binary), "-v"], "checkdmarc -v")[2].strip()
+
+    def startup(self) -> E2e:
+        """``checkdmarc -v``: the interpreter and checkdmarc's imports, no query."""
+        return E2e(timed([str(self.binary), "-v"], "checkdmarc -v")[0])
+
+    def run(self, domains: int) -> tuple[E2e, dict[str, Any]]:
+        self.out.unlink(missing_ok=True)
+        seconds = timed([str(self.binary), *self.args()], "checkdmarc")[0]
+        return E2e(seconds), self.verdict(domains)
+
+    def verdict(self, domains: int) -> dict[str, Any]:
+        """What checkdmarc concluded, per section; no output or a missing domain raises."""
+        try:
+            results = json.loads(self.out.read_text())
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"checkdmarc wrote no readable {self.out}: {exc}") from None
+        results = results if isinstance(results, list) else [results]
+        if len(results) != domains:
+            raise RuntimeError(f"checkdmarc reported {len(results)} of {domains} domains")
+        warnings: Counter[str] = Counter()
+        for r in results:
+            for section in ("ns", "mx", "spf", "dmarc"):
+                for w in r.get(section, {}).get("warnings", []):
+                    warnings[re.sub(r"\d+(\.\d+){3}|[\w.-]+\.test", "<name>", w)] += 1
+        return {
+            "spf_valid": sum(r["spf"].get("valid") is True for r in results),
+            "dmarc_valid": sum(r["dmarc"].get("valid") is True for r in results),
+            "mx_found": sum(len(r["mx"].get("hosts", [])) == 2 for r in results),
+            "warnings": dict(warnings),
+        }
+
+    def count_queries(self, base: Path) -> dict[str, int]:
+        """One untimed run with dnspython's query functions counted (also the warm-up)."""
+        script, counts = base / "count_queries.py", base / "checkdmarc-queries.json"
+        script.write_text(COUNT_QUERIES)
+        argv = [interpreter_of(self.binary), str(script), str(counts), *self.args()]
+        timed(argv, "checkdmarc (counting queries)")
+        found: dict[str, int] = json.loads(counts.read_text())
+        return found
+
+
 def target(domains: int) -> float:
     return TARGET_SECONDS * domains / 100
 
@@ -309,25 +533,40 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def peer_for(args: argparse.Namespace) -> str:
+    """Why checkdmarc is left out ('' when it runs)."""
+    if not args.checkdmarc.is_file():
+        return f"SKIP checkdmarc: checkdmarc not installed ({CHECKDMARC_INSTALL})"
+    busy = port53_free(args.peer_address)
+    return f"SKIP checkdmarc: {busy}" if busy else ""
+
+
 def bench(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     """Generate, serve, and time; raises RuntimeError / OpsdrillError on a failure."""
     started = time.perf_counter()
     domains, zones, key_count = generate(args.domains, base / "dkim")
     generate_seconds = time.perf_counter() - started
-    knot = KnotServer("dns-bench", base / "knot")
+    skip_peer = peer_for(args)
+    if skip_peer:
+        print(skip_peer, flush=True)
+    knot = PeerKnot(
+        "dns-bench", base / "knot", peer_address=None if skip_peer else args.peer_address
+    )
     started = time.perf_counter()
     try:
         knot.start(zones)
         start_seconds = time.perf_counter() - started
+        also = "" if skip_peer else f" and {args.peer_address}:53"
         print(
             f"{len(zones)} zones ({args.domains} sending domains, "
             f"{len(MAIL_PROVIDERS) + len(RELAYS)} providers, "
             f"1 report receiver), {key_count} RSA-{DKIM_BITS} keys generated in "
-            f"{generate_seconds:.2f}s; Knot on 127.0.0.1:{knot.port} up in {start_seconds:.2f}s "
-            f"({base})",
+            f"{generate_seconds:.2f}s; Knot on 127.0.0.1:{knot.port}{also} up in "
+            f"{start_seconds:.2f}s ({base})",
             flush=True,
         )
-        inv = write_inventory(base / "inventory.toml", domains, knot.port, args.timeout)
+        inv_path = base / "inventory.toml"
+        inv = write_inventory(inv_path, domains, knot.port, args.timeout)
         tasks = [t for d in domains for t in tasks_for(inv, d.name)]
 
         def resolver() -> DnsResolver:  # as the checks build theirs from [dns]
@@ -340,15 +579,53 @@ def bench(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         problems = findings_of(warm)
         if problems:
             return {"findings": problems, "phase": "warm-up"}
+        # The end-to-end runs warm up too (bytecode, page cache), and fail fast.
+        problems = run_pytest(inv_path)[1]
+        if problems:
+            return {"findings": problems, "phase": "warm-up (pytest)"}
+        peer: Checkdmarc | None = None
+        peer_info: dict[str, Any] = {"skipped": skip_peer} if skip_peer else {}
+        if not skip_peer:
+            names = base / "domains.txt"
+            names.write_text("".join(f"{d.name}\n" for d in domains))
+            peer = Checkdmarc(args.checkdmarc, names, base / "checkdmarc.json", args.peer_address)
+            counted = peer.count_queries(base)
+            peer_info = {
+                "version": peer.version(),
+                "command": [str(args.checkdmarc), *peer.args()],
+                "queries_per_domain": round(sum(counted.values()) / args.domains, 2),
+                "queries_per_domain_by_type": {
+                    k: round(n / args.domains, 2) for k, n in sorted(counted.items())
+                },
+            }
         runs: dict[str, list[Run]] = {"sequential": [], "concurrent": []}
+        e2e: dict[str, list[E2e]] = {"opsdrill": [], "checkdmarc": [], "checkdmarc -v": []}
+        verdicts: list[dict[str, Any]] = []
+        steps = ["sequential", "concurrent", "opsdrill", *(["checkdmarc"] if peer else [])]
         for i in range(args.repeat):
-            runs["sequential"].append(run_sequential(tasks, resolver(), knot.pid))
-            runs["concurrent"].append(run_concurrent(tasks, resolver(), knot.pid, args.workers))
+            shift = i % len(steps)  # interleaved: the order rotates per repeat
+            for step in steps[shift:] + steps[:shift]:
+                if step == "sequential":
+                    runs[step].append(run_sequential(tasks, resolver(), knot.pid))
+                elif step == "concurrent":
+                    runs[step].append(run_concurrent(tasks, resolver(), knot.pid, args.workers))
+                elif step == "opsdrill":
+                    run, problems = run_pytest(inv_path)
+                    if problems:
+                        return {"findings": problems, "phase": f"run {i + 1} (pytest)"}
+                    e2e[step].append(run)
+                elif peer is not None:
+                    e2e["checkdmarc -v"].append(peer.startup())
+                    run, seen = peer.run(args.domains)
+                    e2e[step].append(run)
+                    verdicts.append(seen)
             print(
                 f"run {i + 1}/{args.repeat}: "
                 + ", ".join(
                     f"{k} {v[-1].seconds:.3f}s ({v[-1].queries} queries)" for k, v in runs.items()
-                ),
+                )
+                + "; end to end: "
+                + ", ".join(f"{k} {v[-1].seconds:.3f}s" for k, v in e2e.items() if v),
                 flush=True,
             )
             problems = [p for v in runs.values() for p in findings_of(v[-1])]
@@ -386,7 +663,50 @@ def bench(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         "speedup": round(medians["sequential"] / medians["concurrent"], 2),
         "target_seconds": target(args.domains),
         "pass": medians["concurrent"] <= target(args.domains),
+        "end_to_end": end_to_end(e2e, verdicts, peer_info, inv_path),
     }
+
+
+def end_to_end(
+    e2e: dict[str, list[E2e]],
+    verdicts: list[dict[str, Any]],
+    peer: dict[str, Any],
+    inv_path: Path,
+) -> dict[str, Any]:
+    ours = e2e["opsdrill"]
+    sessions = [r.session for r in ours if r.session is not None]
+    out: dict[str, Any] = {
+        "opsdrill": {
+            "command": pytest_argv(inv_path),
+            "cwd": str(REPO),
+            "seconds": [round(r.seconds, 3) for r in ours],
+            "median_seconds": round(statistics.median(r.seconds for r in ours), 3),
+            # pytest's own "in N s": session start (after imports and plugins) to the end.
+            "session_median_seconds": round(statistics.median(sessions), 3) if sessions else None,
+            "outcomes": ours[-1].outcomes,
+        },
+        "checkdmarc": peer,
+    }
+    theirs = e2e["checkdmarc"]
+    if theirs:
+        ratios = [t.seconds / o.seconds for o, t in zip(ours, theirs, strict=True)]
+        speedup = statistics.median(ratios)
+        peer.update(
+            seconds=[round(r.seconds, 3) for r in theirs],
+            median_seconds=round(statistics.median(r.seconds for r in theirs), 3),
+            startup_median_seconds=round(
+                statistics.median(r.seconds for r in e2e["checkdmarc -v"]), 3
+            ),
+            verdict=verdicts[-1],
+            verdicts_consistent=all(v == verdicts[-1] for v in verdicts),
+        )
+        out.update(
+            ratios=[round(r, 3) for r in ratios],
+            speedup_median=round(speedup, 3),
+            target_speedup=TARGET_PEER_SPEEDUP,
+            pass_peer=speedup >= TARGET_PEER_SPEEDUP,
+        )
+    return out
 
 
 def print_table(r: dict[str, Any], args: argparse.Namespace) -> None:
@@ -415,6 +735,48 @@ def print_table(r: dict[str, Any], args: argparse.Namespace) -> None:
     print("queries per domain by analysis: " + ", ".join(f"{k} {v:g}" for k, v in by.items()))
     if not r["queries_consistent"]:
         print("note: the query count differed between runs (it should not): " + json.dumps(q))
+    print_end_to_end(r["end_to_end"], args)
+
+
+def print_end_to_end(e: dict[str, Any], args: argparse.Namespace) -> None:
+    ours, peer = e["opsdrill"], e["checkdmarc"]
+    print(
+        f"\n== end to end, process start to exit, {args.domains} domains; median of "
+        f"{args.repeat}, interleaved =="
+    )
+    print("{:<44} {:>7} {:>10}  what it judged".format("run", "wall s", "start-up s"))
+    session = ours["session_median_seconds"]
+    startup = f"{ours['median_seconds'] - session:.2f}" if session is not None else "?"
+    outcomes = ", ".join(f"{n} {k}" for k, n in ours["outcomes"].items())
+    label = f"pytest {CHECKS.name} -m dns --inventory"
+    print(f"{label:<44} {ours['median_seconds']:>7.3f} {startup:>10}  {outcomes}")
+    if "skipped" in peer:
+        print(peer["skipped"])
+        return
+    v = peer["verdict"]
+    judged = (
+        f"SPF valid {v['spf_valid']}, DMARC valid {v['dmarc_valid']}, 2 MX {v['mx_found']} "
+        f"of {args.domains}; {peer['queries_per_domain']:g} queries per domain"
+    )
+    label = f"checkdmarc {peer['version']} -n {args.peer_address}"
+    print(
+        f"{label:<44} {peer['median_seconds']:>7.3f} "
+        f"{peer['startup_median_seconds']:>10.2f}  {judged}"
+    )
+    print(
+        "start-up: opsdrill = wall - pytest's own session time; checkdmarc = `checkdmarc -v`. "
+        "checkdmarc has no DKIM check (opsdrill: 2 selectors per domain) and no check_host"
+    )
+    print("checkdmarc's warnings: " + (json.dumps(v["warnings"]) if v["warnings"] else "none"))
+    if not peer["verdicts_consistent"]:
+        print("note: checkdmarc's verdict differed between runs")
+    ratios = ", ".join(f"{x:.2f}" for x in e["ratios"])
+    print(
+        f"speed-up of opsdrill over checkdmarc, end to end (checkdmarc s / opsdrill s): "
+        f"{e['speedup_median']:.2f}x, the median of {ratios} (target >= "
+        f"{e['target_speedup']:g}x): "
+        f"{verdict(e['pass_peer'])}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,6 +787,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=2.0, help="DnsResolver timeout per query")
     p.add_argument(
         "--keep", action="store_true", help="keep the temp dir: zones, knot.conf, knot.log"
+    )
+    p.add_argument(
+        "--checkdmarc",
+        type=Path,
+        default=CHECKDMARC,
+        help=f"the peer's console script (default {CHECKDMARC}; SKIP when absent)",
+    )
+    p.add_argument(
+        "--peer-address",
+        default=PEER_ADDRESS,
+        help="a loopback address whose port 53 Knot also serves, for checkdmarc -n",
     )
     args = p.parse_args(argv)
     if args.domains < 1 or args.workers < 1 or args.repeat < 1:

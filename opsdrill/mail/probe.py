@@ -37,6 +37,7 @@ from opsdrill.mail.smtp import SendReceipt, SmtpEndpoint, send_probe
 from opsdrill.mail.spam import SpamVerdict, score_with_spamd
 from opsdrill.mail.trigger import LinkFetch, TriggerResponse, fetch_link, trigger_app
 from opsdrill.mail.wait import (
+    RECHECK_SECONDS,
     AppMessageMatch,
     FoundMessage,
     TokenMatch,
@@ -51,6 +52,8 @@ class ReceiveOptions:
     timeout: float = 30.0
     interval: float = 1.0
     use_idle: bool = True
+    # INBOX re-checked this often between rounds (wait.py): how late a message is seen.
+    recheck: float = RECHECK_SECONDS
     # Probe messages older than this are deleted before sending (None: no sweep).
     sweep_older_than_minutes: float | None = 60.0
 
@@ -263,6 +266,7 @@ def run_direct_probe(
             timeout=receive.timeout,
             interval=receive.interval,
             use_idle=receive.use_idle,
+            recheck=receive.recheck,
         )
     except MessageNotFound as exc:
         exc.sent = {"smtp": smtp.evidence(), "send": receipt.evidence()}
@@ -345,6 +349,7 @@ def run_triggered_probe(
             timeout=receive.timeout,
             interval=receive.interval,
             use_idle=receive.use_idle,
+            recheck=receive.recheck,
         )
     except MessageNotFound as exc:
         exc.sent = {"trigger": response.evidence(), "token": token}

@@ -16,15 +16,18 @@ One search interface, two matchers:
   optional UIDNEXT snapshot taken before the trigger (``imap.snapshot_uidnext``) also
   excludes older messages without trusting clocks.
 
-The loop: every round searches each folder; between rounds it either IDLEs on INBOX (the
-server pushes ``EXISTS`` the moment a message lands, so detection is immediate) or
-sleeps ``interval``. IDLE covers one folder per connection, so junk folders are still
-searched once per round and each IDLE lasts at most ``interval``: a message filed into
-Junk is found within one interval, one in INBOX at once. Each round ends with INBOX
-selected, so IDLE starts on a fresh snapshot and nothing delivered in between is missed;
-and every IDLE ends in a full search anyway, so even a notification lost in a client
-buffer costs at most one interval, never the message. Junk folders are searched first in
-a round when IDLE is used, but the search order reported is the configured one.
+The loop: every ``interval`` a round searches each folder, INBOX last so that it stays
+selected. In between, INBOX is re-checked every ``recheck`` seconds (0.25 by default): the
+wait is spent in IDLE (or asleep when IDLE is off or not offered), then a ``NOOP``, the
+poll RFC 3501 recommends, makes the server sync and report a new message count
+(``EXISTS``), and only then is INBOX searched. IDLE alone is not enough: Dovecot pushes
+``EXISTS`` 500 ms after the delivery (``NOTIFY_DELAY_MSECS``, compiled in) and not at
+``DONE``, so a message in INBOX is seen within ``recheck`` whatever the server, and at
+once by one that pushes at once. A re-check costs one command (three with IDLE: IDLE,
+DONE, NOOP). IDLE covers one folder per connection, so junk folders are searched once
+per round: a message filed into Junk is found within one ``interval``. Every round
+selects each folder afresh, so even a change the NOOPs missed costs at most one
+interval, never the message. The search order reported is the configured one.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ from opsdrill.mail.message import (
 )
 
 Method = Literal["idle", "poll"]
+# How often INBOX is re-checked between rounds: a message there is seen at most this late.
+RECHECK_SECONDS = 0.25
 _ASCII_VALUE = re.compile(r"^[\x20-\x7e]*$")
 
 
@@ -248,10 +253,8 @@ def _is_inbox(folder: str) -> bool:
     return folder.upper() == "INBOX"
 
 
-def _order(folders: Sequence[str], idle: bool) -> list[str]:
-    """With IDLE, INBOX last: the round ends with it selected, ready to IDLE on."""
-    if not idle:
-        return list(folders)
+def _order(folders: Sequence[str]) -> list[str]:
+    """INBOX last: the round ends with it selected, ready to re-check (and IDLE on)."""
     return [f for f in folders if not _is_inbox(f)] + [f for f in folders if _is_inbox(f)]
 
 
@@ -263,72 +266,106 @@ def wait_for_message(
     timeout: float = 30.0,
     interval: float = 1.0,
     use_idle: bool = True,
+    recheck: float = RECHECK_SECONDS,
 ) -> FoundMessage:
     """Search ``folders`` until ``match`` finds a message or ``timeout`` seconds pass.
 
-    Raises ``MessageNotFound`` (what was searched where, for how long, how), and the
-    errors of ``imap.session``. A folder that does not exist is reported, not fatal:
-    Junk may be created only when the first junk arrives.
+    Every ``interval`` a round searches every folder; in between, INBOX is re-checked
+    every ``recheck`` seconds (see the module docstring). Raises ``MessageNotFound``
+    (what was searched where, for how long, how), and the errors of ``imap.session``.
+    A folder that does not exist is reported, not fatal: Junk may be created only when
+    the first junk arrives.
     """
     if not folders:
         raise ConfigError(f"IMAP {mailbox.label}: no folders to search")
-    if timeout <= 0 or interval <= 0:
-        raise ConfigError("IMAP wait: timeout and interval must be positive")
+    if timeout <= 0 or interval <= 0 or recheck <= 0:
+        raise ConfigError("IMAP wait: timeout, interval and recheck must be positive")
     deadline = time.monotonic() + timeout
     missing: set[str] = set()
-    rounds = 0
+    searches = 0
+    inbox = next((f for f in folders if _is_inbox(f)), None)
     with session(mailbox) as box:
-        idle = use_idle and "IDLE" in capabilities(box) and any(_is_inbox(f) for f in folders)
+        idle = use_idle and inbox is not None and "IDLE" in capabilities(box)
         method: Method = "idle" if idle else "poll"
+
+        def search(folder: str, uidvalidity: int | None) -> FoundMessage | None:
+            hits = match.accepts(uid_search(box, match.criteria(folder)), box, folder, uidvalidity)
+            record = fetch_raw(box, hits[0]) if hits else None
+            if record is None or record.literal is None:  # none, or expunged meanwhile
+                return None
+            return FoundMessage(
+                folder=folder,
+                uid=record.uid,
+                uidvalidity=uidvalidity,
+                raw=record.literal,
+                internaldate=record.internaldate,
+                visible_utc=datetime.now(UTC),
+                visible_monotonic=time.monotonic(),
+                method=method,
+                searched_folders=tuple(folders),
+                missing_folders=tuple(f for f in folders if f in missing),
+                rounds=searches,
+                matches=len(hits),
+            )
+
         while True:
-            rounds += 1
-            for folder in _order(folders, idle):
+            searches += 1
+            inbox_validity: int | None = None
+            for folder in _order(folders):
                 try:
                     uidvalidity = select(box, folder, readonly=True)
                 except MailboxFolderSelectError:
                     missing.add(folder)
                     continue
                 missing.discard(folder)
-                found = uid_search(box, match.criteria(folder))
-                hits = match.accepts(found, box, folder, uidvalidity)
-                if not hits:
-                    continue
-                record = fetch_raw(box, hits[0])
-                if record is None or record.literal is None:  # expunged meanwhile
-                    continue
-                return FoundMessage(
-                    folder=folder,
-                    uid=record.uid,
-                    uidvalidity=uidvalidity,
-                    raw=record.literal,
-                    internaldate=record.internaldate,
-                    visible_utc=datetime.now(UTC),
-                    visible_monotonic=time.monotonic(),
-                    method=method,
-                    searched_folders=tuple(folders),
-                    missing_folders=tuple(f for f in folders if f in missing),
-                    rounds=rounds,
-                    matches=len(hits),
-                )
+                if folder == inbox:
+                    inbox_validity = uidvalidity
+                hit = search(folder, uidvalidity)
+                if hit is not None:
+                    return hit
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            pause = min(interval, remaining)
-            if idle and not any(_is_inbox(f) for f in missing):
-                _idle(box, pause)
-            else:
-                time.sleep(pause)
-    raise _not_found(mailbox, match, folders, missing, timeout, method, interval, rounds)
+            until = time.monotonic() + min(interval, remaining)
+            if inbox is None or inbox in missing:
+                time.sleep(until - time.monotonic())
+                continue
+            _news(box)  # forget what the EXAMINE reported: only later changes count
+            while (left := until - time.monotonic()) > 0:
+                # No NOOP before the round's own search: it would find nothing more.
+                if _recheck(box, min(recheck, left), idle, noop=left > recheck):
+                    searches += 1
+                    hit = search(inbox, inbox_validity)
+                    if hit is not None:
+                        return hit
+    raise _not_found(mailbox, match, folders, missing, timeout, method, interval, searches)
 
 
-def _idle(box: BaseMailBox, seconds: float) -> None:
-    """IDLE on the selected folder (INBOX) until the server pushes something or
-    ``seconds`` pass; what it pushed does not matter, the next round searches."""
-    box.idle.start()  # type: ignore[no-untyped-call]
-    try:
-        box.idle.poll(timeout=seconds)
-    finally:
-        box.idle.stop()  # type: ignore[no-untyped-call]
+def _news(box: BaseMailBox) -> bool:
+    """Whether the server reported a new message count (``* n EXISTS``) since the last
+    call; the report is consumed."""
+    return box.client.untagged_responses.pop("EXISTS", None) is not None
+
+
+def _recheck(box: BaseMailBox, seconds: float, idle: bool, noop: bool) -> bool:
+    """Wait ``seconds`` on the selected INBOX (IDLE, or sleep), then NOOP if ``noop``:
+    True when the server reported a new message count, so INBOX is worth a search."""
+    if idle:
+        box.idle.start()  # type: ignore[no-untyped-call]
+        try:
+            pushed = box.idle.poll(timeout=seconds)
+        finally:
+            box.idle.stop()  # type: ignore[no-untyped-call]
+        if any(b"EXISTS" in line.upper() for line in pushed):
+            return True
+    else:
+        time.sleep(seconds)
+    if not noop:
+        return False
+    # RFC 3501 6.1.2: NOOP is the poll for new messages; the server syncs the mailbox
+    # and reports ``EXISTS`` at once (Dovecot's IDLE push comes 0.5 s after delivery).
+    box.client.noop()
+    return _news(box)
 
 
 def _not_found(
