@@ -325,7 +325,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     _group(items)
     result = yield
     _keep_group_suffix(config, items)
+    if not _is_worker(config) and config.stash.get(INVENTORY, None) is not None:
+        from opsdrill_pytest.dns import plan_analyses
+
+        plan_analyses(_targets_of(items))
     return result
+
+
+def _targets_of(items: list[pytest.Item]) -> list[tuple[str, Any]]:
+    """(check module, target) for each selected item: what the run will examine."""
+    found = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        module = getattr(getattr(item, "module", None), "__name__", "").rsplit(".", 1)[-1]
+        for value in (callspec.params if callspec else {}).values():
+            if hasattr(value, "id"):
+                found.append((module, value))
+    return found
 
 
 def _group(items: list[pytest.Item]) -> None:
@@ -452,4 +468,3 @@ def _git_sha() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
-
