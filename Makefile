@@ -62,6 +62,7 @@ ALLURE_REPORT ?= reports/allure-report
 ALLURE_REPORT_SINGLE ?= reports/allure-report-single
 ALLURE_HISTORY ?= reports/history.jsonl
 REPORT_PORT ?= 8000
+# python -m opsdrill_pytest.report (shipped in the wheel) finds Allure in node_modules/.
 REPORT_ENV = ALLURE_RESULTS=$(ALLURE_RESULTS) ALLURE_REPORT=$(ALLURE_REPORT) \
 	ALLURE_REPORT_SINGLE=$(ALLURE_REPORT_SINGLE) ALLURE_HISTORY=$(ALLURE_HISTORY) \
 	REPORT_PORT=$(REPORT_PORT) PYTHON=$(PYTHON)
@@ -76,7 +77,7 @@ $(NPM_STAMP): package.json package-lock.json
 	@touch $(NPM_STAMP)
 
 report: report-deps
-	@$(REPORT_ENV) scripts/report.sh generate
+	@$(REPORT_ENV) $(BIN)/python -m opsdrill_pytest.report generate
 
 report-serve: report-deps
-	@$(REPORT_ENV) scripts/report.sh serve
+	@$(REPORT_ENV) $(BIN)/python -m opsdrill_pytest.report serve

@@ -48,6 +48,14 @@ def test_the_wheel_ships_library_plugin_and_checks_but_no_stack_or_tests(wheel: 
     checks = {Path(n).name for n in names if n.startswith("opsdrill_checks/check_")}
     assert checks == {p.name for p in (ROOT / "opsdrill_checks").glob("check_*.py")}
     assert "opsdrill_pytest/categories.json" in names
+    # the report tooling: python -m opsdrill_pytest.report generate|serve, anywhere
+    report = {n for n in names if n.startswith("opsdrill_pytest/report/")}
+    assert report == {
+        "opsdrill_pytest/report/__init__.py",
+        "opsdrill_pytest/report/__main__.py",
+        "opsdrill_pytest/report/report.sh",
+        "opsdrill_pytest/report/allurerc.mjs",
+    }
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     parsed = configparser.ConfigParser()
     parsed.read_string(zipfile.ZipFile(wheel).read(entry_points).decode())

@@ -1,9 +1,12 @@
-"""The Allure report: `make report` turns real check results into a report that renders.
+"""The Allure report: ``python -m opsdrill_pytest.report`` turns real check results into a
+report that renders.
 
 Two scheduled runs of a few small checks (built with the real ``Check`` decorator, run by
 pytest with allure-pytest and the opsdrill plugin, which writes environment.properties and
-categories.json), each followed by ``make report`` with one shared history file. The
-second report is served by ``make report-serve`` and rendered in headless Chromium.
+categories.json), each followed by a report with one shared history file: the first by
+``make report``, the second as the CI templates run it (``python -m opsdrill_pytest.report
+generate`` in the job's directory, paths relative to it). The second report is served by
+``make report-serve`` and rendered in headless Chromium.
 """
 
 from __future__ import annotations
@@ -152,6 +155,29 @@ def _report_vars(r: Report) -> list[str]:
     ]
 
 
+def _report_module(r: Report, cwd: Path) -> None:
+    """`python -m opsdrill_pytest.report generate` in `cwd`, the paths relative to it, as a
+    CI job runs it; Allure from the checkout's node_modules (cwd has none)."""
+    paths = {
+        "ALLURE_RESULTS": r.results,
+        "ALLURE_REPORT": r.report,
+        "ALLURE_REPORT_SINGLE": r.single,
+        "ALLURE_HISTORY": r.history,
+    }
+    env = _clean_env(**{k: str(v.relative_to(cwd)) for k, v in paths.items()})
+    env.pop("ALLURE_CLI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "opsdrill_pytest.report", "generate"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"report: {r.report.relative_to(cwd)}/index.html" in proc.stdout
+
+
 def _run_checks(workdir: Path, results: Path, run: int) -> None:
     """One scheduled run: the checks above, with the opsdrill plugin as `make verify` has it."""
     argv = [
@@ -186,7 +212,8 @@ def _run_checks(workdir: Path, results: Path, run: int) -> None:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, Report]:
-    """Two runs, each reported with `make report`; the second report carries the history."""
+    """Two runs, reported with `make report` and then the module; the second report carries
+    the history."""
     # One npm install for all concurrent test processes (xdist workers, other checkouts'
     # runs on this machine): `npm ci` replaces node_modules/ as a whole.
     with open(Path(tempfile.gettempdir()) / "opsdrill-report-deps.lock", "w") as lock:
@@ -200,7 +227,10 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, Report]:
     for run in (1, 2):
         r = Report(work / f"results-{run}", work / f"report-{run}", work / f"single-{run}", history)
         _run_checks(work, r.results, run)
-        _make("report", *_report_vars(r), timeout=300)
+        if run == 1:
+            _make("report", *_report_vars(r), timeout=300)
+        else:
+            _report_module(r, cwd=work)
         out.append(r)
     return out[0], out[1]
 

@@ -1,27 +1,26 @@
 #!/usr/bin/env bash
-# The Allure 3 report of a `make verify` run (used by `make report` and `make report-serve`).
+# The Allure 3 report of a check run. Run it through `python -m opsdrill_pytest.report
+# generate|serve` (`make report`, `make report-serve`, the CI templates), which finds the
+# Allure CLI and passes it in ALLURE_CLI:
 #
-#   scripts/report.sh generate   results -> normal report + single-file report, history += 1 run
-#   scripts/report.sh serve      serve the normal report on 127.0.0.1 (generates it if missing)
+#   generate   results -> normal report + single-file report, history += 1 run
+#   serve      serve the normal report on 127.0.0.1 (generates it if missing)
 #
-# Paths (relative to the repository root, or absolute) come from the environment, with the
-# Makefile's defaults:
-#   ALLURE_RESULTS        reports/allure-results          (input, written by `make verify`)
+# Paths (relative to the current directory, or absolute) come from the environment:
+#   ALLURE_RESULTS        reports/allure-results          (input: pytest --alluredir)
 #   ALLURE_REPORT         reports/allure-report           (normal report, needs HTTP)
 #   ALLURE_REPORT_SINGLE  reports/allure-report-single    (index.html, opens from file://)
 #   ALLURE_HISTORY        reports/history.jsonl           (carried from run to run)
 #   REPORT_PORT           8000 for `serve` (0: any free port)
-# Allure itself is the pinned npm package in node_modules/ (`make report-deps`); it runs
-# offline once installed.
+# Allure itself is the pinned npm package (allure@3.18.0); it runs offline once installed.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
+here="$(cd "$(dirname "$0")" && pwd)"
 
 results="${ALLURE_RESULTS:-reports/allure-results}"
 report="${ALLURE_REPORT:-reports/allure-report}"
 single="${ALLURE_REPORT_SINGLE:-reports/allure-report-single}"
 history="${ALLURE_HISTORY:-reports/history.jsonl}"
-allure_cli="$root/node_modules/allure/cli.js"
+allure_cli="${ALLURE_CLI:-}"
 
 die() {
   echo "report: $*" >&2
@@ -29,10 +28,11 @@ die() {
 }
 
 generate() {
-  [ -f "$allure_cli" ] || die "Allure is not installed in node_modules/ (run: make report-deps)"
-  command -v node >/dev/null || die "node is not installed (run: make system)"
+  [ -n "$allure_cli" ] && [ -f "$allure_cli" ] ||
+    die "Allure is not installed (run: npm install allure@3.18.0, or set ALLURE_CLI)"
+  command -v node >/dev/null || die "node is not installed (apt-get install nodejs npm)"
   if ! compgen -G "$results/*-result.json" >/dev/null; then
-    die "no test results in $results (run: make verify)"
+    die "no test results in $results (run the checks with --alluredir $results)"
   fi
   mkdir -p "$(dirname "$report")" "$(dirname "$history")"
   # Build next to the final report, then swap: a failed generation keeps the previous report.
@@ -41,7 +41,7 @@ generate() {
   categories=""
   [ -f "$results/categories.json" ] && categories="$results/categories.json"
   OPSDRILL_REPORT_BUILD="$build" OPSDRILL_HISTORY="$history" OPSDRILL_CATEGORIES="$categories" \
-    node "$allure_cli" generate --config "$root/allurerc.mjs" --output "$build" "$results"
+    node "$allure_cli" generate --config "$here/allurerc.mjs" --output "$build" "$results"
   if [ ! -f "$build/awesome/index.html" ] || [ ! -f "$build/single/index.html" ]; then
     die "Allure produced no report in $build"
   fi
@@ -62,7 +62,7 @@ JS
   trap - EXIT
   runs=0
   [ -f "$history" ] && runs="$(wc -l <"$history")"
-  echo "report: $report/index.html (serve: make report-serve)"
+  echo "report: $report/index.html (serve: python -m opsdrill_pytest.report serve)"
   echo "report: $single/index.html (single file)"
   echo "report: history $history ($((runs)) runs)"
 }
@@ -78,5 +78,5 @@ serve() {
 case "${1:-}" in
   generate) generate ;;
   serve) serve ;;
-  *) die "usage: $0 generate|serve" ;;
+  *) die "usage: python -m opsdrill_pytest.report generate|serve" ;;
 esac

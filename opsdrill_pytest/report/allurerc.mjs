@@ -1,4 +1,5 @@
-// Allure 3 configuration for `make report` (scripts/report.sh sets the OPSDRILL_* variables).
+// Allure 3 configuration for `python -m opsdrill_pytest.report generate` (report.sh beside
+// this file sets the OPSDRILL_* variables).
 //
 // - Two Awesome reports from one generation: a normal multi-file one (served over HTTP) and
 //   a single-file one (opens from file://, archived as a CI artifact). One generation, so
@@ -7,13 +8,16 @@
 //   Lines file that is carried from run to run (kept locally under reports/, cached in CI).
 // - Categories: Allure 3's Awesome report ignores categories.json in the results directory
 //   (it only keeps it as Allure 2 metadata), so the same file is read here. The file the
-//   pytest controller copied into the results wins; opsdrill_pytest/categories.json is the fallback.
+//   pytest controller copied into the results wins; the plugin's own categories.json (next
+//   to this package, installed or not) is the fallback.
 //   environment.properties is read from the results directory by Allure itself.
 import { existsSync, readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 
 const env = process.env;
 const reportName = env.OPSDRILL_REPORT_NAME || "opsdrill verification";
-const categoriesFile = [env.OPSDRILL_CATEGORIES, "opsdrill_pytest/categories.json"].find(
+const shipped = fileURLToPath(new URL("../categories.json", import.meta.url));
+const categoriesFile = [env.OPSDRILL_CATEGORIES, shipped].find(
   (path) => path && existsSync(path),
 );
 const categories = categoriesFile ? JSON.parse(readFileSync(categoriesFile, "utf8")) : [];
