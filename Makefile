@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dns.py $(DNS_BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_mail.py $(MAIL_BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_container_drill.py $(CONTAINER_BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_startup.py $(STARTUP_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) reports/allure-results .pytest_cache
