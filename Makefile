@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # node_modules (package-lock.json): Allure 3 for `make report`, BullMQ for the queue tests.
 NPM_STAMP := node_modules/.opsdrill-installed
 
-.PHONY: setup system verify test test-quick lint bench clean
+.PHONY: setup system verify test test-quick lint bench bench-peers clean
 
 setup: system $(STAMP)
 
@@ -45,7 +45,12 @@ lint: setup
 	$(BIN)/ruff format --check opsdrill opsdrill_stack opsdrill_pytest opsdrill_checks tests benchmarks
 	$(BIN)/mypy
 
-bench: setup
+# The peer tools the benchmarks compare with (pgBackRest, rclone, checkdmarc,
+# check_email_delivery): installed when missing, never by `make setup`.
+bench-peers:
+	@PYTHON=$(PYTHON) scripts/bench-peers.sh
+
+bench: setup bench-peers
 	$(BIN)/python benchmarks/bench_backup.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_mirror.py $(MIRROR_BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_dns.py $(DNS_BENCH_ARGS)
