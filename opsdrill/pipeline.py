@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import io
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -25,6 +26,9 @@ from opsdrill.errors import ConfigError, OperationFailed
 from opsdrill.redact import redact
 
 STAGE_WAIT_SECONDS = 120
+# How long the main thread may sit in one blocking read of a pipeline before it runs the
+# Python signal handlers (see HashingReader.read).
+SIGNAL_CHECK_SECONDS = 0.5
 # Linux pipes default to 64 KiB; 1 MiB (the unprivileged maximum) lets each stage write in
 # big chunks and cuts context switches, which matters when every core is already busy.
 PIPE_BYTES = 1024 * 1024
@@ -222,7 +226,7 @@ class HashingReader(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        chunk = self.pipeline.stdout.read(size if size and size > 0 else 1024 * 1024)
+        chunk = self._next_chunk(size if size and size > 0 else 1024 * 1024)
         if chunk:
             self.sha256.update(chunk)
             self.size += len(chunk)
@@ -235,6 +239,18 @@ class HashingReader(io.RawIOBase):
                 self.before_eof()
             self.finished = True
         return b""
+
+    def _next_chunk(self, size: int) -> bytes:
+        """Up to ``size`` bytes as soon as any are there, waiting at most
+        SIGNAL_CHECK_SECONDS at a time. A SIGTERM may be delivered to any thread of the
+        process (the upload's part workers, the stderr drains): the main thread, stuck in
+        one read() of a stalled stage, would then never run the handler that turns it into
+        ``Interrupted``, and the run would hang instead of cleaning up. Between waits the
+        interpreter runs pending handlers."""
+        fd = self.pipeline.stdout.fileno()
+        while not select.select([fd], [], [], SIGNAL_CHECK_SECONDS)[0]:
+            pass
+        return os.read(fd, size)
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
