@@ -26,6 +26,7 @@ from opsdrill_stack import demo_dns
 from opsdrill_stack.knot import KnotServer
 from tests.conftest import CheckRun, Env, Stack, derive
 from tests.helpers.registry import proves
+from tests.helpers.results import labels, message, result
 
 MAIN = demo_dns.MAIN.name  # example.test
 PORTAL = demo_dns.PORTAL.name  # portal.example.net
@@ -67,23 +68,6 @@ def knot(stack: Stack) -> Iterator[KnotServer]:
 
 
 # -- reading results per check AND target (a check runs once per domain or selector) --------
-
-
-def labels(res: dict[str, Any]) -> dict[str, str]:
-    return {lab["name"]: lab["value"] for lab in res["labels"] if lab["name"] != "tag"}
-
-
-def result(run: CheckRun, check_id: str, target: str) -> dict[str, Any]:
-    for res in run.results:
-        lab = labels(res)
-        if lab.get("check_id") == check_id and lab.get("target") == target:
-            return res
-    got = sorted(f"{labels(r).get('check_id')}[{labels(r).get('target')}]" for r in run.results)
-    raise AssertionError(f"no result for {check_id}[{target}]; got {got}\n{run.output[-3000:]}")
-
-
-def message(res: dict[str, Any]) -> str:
-    return str(res.get("statusDetails", {}).get("message", ""))
 
 
 def assert_fails(run: CheckRun, check_id: str, target: str, *fragments: str) -> str:

@@ -50,6 +50,7 @@ from opsdrill_stack.knot import KnotServer
 from opsdrill_stack.redis_queue import BullMQ
 from tests.conftest import CheckRun, Env, Stack, derive, opsdrill
 from tests.helpers.registry import proves
+from tests.helpers.results import labels, message, result
 
 MAIN = demo_dns.MAIN.name  # example.test: From domain of the probes, signed with sel1
 TX = "probe:transactional"  # the direct probe
@@ -98,23 +99,6 @@ def knot(stack: Stack) -> Iterator[KnotServer]:
 
 def anchor_of(check_id: str) -> str:
     return ANCHORS[check_id.split(".")[1]]
-
-
-def labels(res: dict[str, Any]) -> dict[str, str]:
-    return {lab["name"]: lab["value"] for lab in res["labels"] if lab["name"] != "tag"}
-
-
-def result(run: CheckRun, check_id: str, target: str) -> dict[str, Any]:
-    for res in run.results:
-        lab = labels(res)
-        if lab.get("check_id") == check_id and lab.get("target") == target:
-            return res
-    got = sorted(f"{labels(r).get('check_id')}[{labels(r).get('target')}]" for r in run.results)
-    raise AssertionError(f"no result for {check_id}[{target}]; got {got}\n{run.output[-3000:]}")
-
-
-def message(res: dict[str, Any]) -> str:
-    return str(res.get("statusDetails", {}).get("message", ""))
 
 
 def attachment_names(res: dict[str, Any]) -> set[str]:
