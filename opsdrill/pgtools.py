@@ -195,7 +195,15 @@ def choose(
         from opsdrill.containers import engine_answers
 
         if engine_answers():
-            return _in_container(container, wanted, tool, key)
+            try:
+                return _in_container(container, wanted, tool, key)
+            except ConfigError as exc:  # say first what is missing, then why no container
+                installed = "; ".join(seen) or "none installed"
+                raise ConfigError(
+                    f"{key}: {why} runs PostgreSQL {wanted}, and no {tool} of PostgreSQL "
+                    f"{wanted} or newer is installed ({installed}); nothing was done; the "
+                    f"container fallback failed too: {exc.message}"
+                ) from None
         seen.append(f"no Docker engine answers for {key}.tools_container = {container!r}")
     raise ConfigError(_none_match(tool, key, server_major, why, seen, container))
 

@@ -182,3 +182,31 @@ def test_pipeline_children_create_private_files(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o600
+
+
+def test_a_failed_container_fallback_still_names_the_major_that_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a Docker engine up but no image to be had, the error says first that
+    PostgreSQL 17 tools are missing, then why the container could not stand in (the
+    message depended on whether a test had left an engine running)."""
+    from opsdrill import containers, pgtools
+    from opsdrill.errors import ConfigError
+
+    def unpullable(pattern: str, major: int, tool: str, key: str) -> pgtools.PgTools:
+        raise ConfigError(f"{key}.tools_container: image postgres:{major} could not be pulled")
+
+    monkeypatch.setattr(containers, "engine_answers", lambda: True)
+    monkeypatch.setattr(pgtools, "_in_container", unpullable)
+    with pytest.raises(ConfigError) as caught:
+        pgtools.choose(
+            17,
+            "pg_restore",
+            key="databases.crm",
+            pg_bin_dir=None,
+            container="postgres:{major}",
+            why="the backup",
+        )
+    message = caught.value.message
+    assert message.startswith("databases.crm: the backup runs PostgreSQL 17, and no pg_restore")
+    assert "could not be pulled" in message
