@@ -31,6 +31,7 @@ from opsdrill.config.envfile import read_env_file
 from opsdrill.config.inventory import Inventory, load
 from opsdrill.s3 import client
 from opsdrill_stack.gnupg_keys import Keypair, generate_keypair
+from opsdrill_stack.knot import KnotServer
 from opsdrill_stack.local import LocalStack
 from tests.helpers.registry import MARK
 
@@ -144,6 +145,16 @@ class Env:
 
     def run_checks(self, *selectors: str, extra: tuple[str, ...] = ()) -> CheckRun:
         return run_checks(self.path, *selectors, extra=extra, workdir=self.path.parent)
+
+
+@pytest.fixture
+def knot(stack: Stack) -> Iterator[KnotServer]:
+    """The worker's DNS server; every zone is reloaded from its file afterwards."""
+    server = stack.stack.knot()
+    try:
+        yield server
+    finally:
+        server.restore_all()
 
 
 def derive(stack: Stack, tmp_path: Path, *, own_database: bool = False, own_files: int = 0) -> Env:

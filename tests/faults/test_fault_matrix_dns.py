@@ -13,12 +13,10 @@ import base64
 import copy
 import json
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -55,16 +53,6 @@ ANCHORS = {
     "discovery": "#discovery",
     "migration": "#migration",
 }
-
-
-@pytest.fixture
-def knot(stack: Stack) -> Iterator[KnotServer]:
-    """The worker's DNS server; every zone is reloaded from its file afterwards."""
-    server = stack.stack.knot()
-    try:
-        yield server
-    finally:
-        server.restore_all()
 
 
 # -- reading results per check AND target (a check runs once per domain or selector) --------

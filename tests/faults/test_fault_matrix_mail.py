@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -82,16 +82,6 @@ TRUSTED_FAIL = (
     f"header.d={MAIN}; spf=pass smtp.mailfrom={MAIN}; dmarc=fail header.from={MAIN}"
 )
 SPOOFED_PASS = f"evil.example; dkim=pass header.d={MAIN}; spf=pass; dmarc=pass"
-
-
-@pytest.fixture
-def knot(stack: Stack) -> Iterator[KnotServer]:
-    """The worker's DNS server; every zone is reloaded from its file afterwards."""
-    server = stack.stack.knot()
-    try:
-        yield server
-    finally:
-        server.restore_all()
 
 
 # -- reading results per check AND target ----------------------------------------------------
