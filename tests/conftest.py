@@ -238,8 +238,12 @@ class CheckRun:
                 target is None or ("target", target) in labels
             ):
                 return res
-        names = [r["name"] for r in self.results]
-        raise AssertionError(f"no result for {check_id}; got {names}\n{self.output[-3000:]}")
+        got = sorted(
+            f"{lab.get('check_id')}[{lab.get('target')}]"
+            for lab in ({x["name"]: x["value"] for x in r.get("labels", [])} for r in self.results)
+        )
+        where = check_id if target is None else f"{check_id}[{target}]"
+        raise AssertionError(f"no result for {where}; got {got}\n{self.output[-3000:]}")
 
     def status(self, check_id: str) -> str:
         return str(self.by_check(check_id)["status"])

@@ -24,7 +24,7 @@ from opsdrill_stack import demo_dns
 from opsdrill_stack.knot import KnotServer
 from tests.conftest import CheckRun, Env, Stack, derive
 from tests.helpers.registry import proves
-from tests.helpers.results import labels, message, result
+from tests.helpers.results import labels, message
 
 MAIN = demo_dns.MAIN.name  # example.test
 PORTAL = demo_dns.PORTAL.name  # portal.example.net
@@ -59,7 +59,7 @@ ANCHORS = {
 
 
 def assert_fails(run: CheckRun, check_id: str, target: str, *fragments: str) -> str:
-    res = result(run, check_id, target)
+    res = run.by_check(check_id, target)
     msg = message(res)
     assert res["status"] == "failed", f"{check_id}[{target}] is {res['status']}: {msg}"
     assert msg.startswith(f"opsdrill_pytest.checks.CheckFailed: {target}: "), msg
@@ -74,7 +74,7 @@ def assert_fails(run: CheckRun, check_id: str, target: str, *fragments: str) -> 
 
 
 def assert_passes(run: CheckRun, check_id: str, target: str) -> None:
-    res = result(run, check_id, target)
+    res = run.by_check(check_id, target)
     assert res["status"] == "passed", f"{check_id}[{target}]: {res['status']}: {message(res)}"
 
 
@@ -207,7 +207,7 @@ def test_softfail_fails_outside_a_migration_window_and_passes_inside(
     open_migration(env)
     inside = dns_checks(env, "check_dns_spf.py")
     assert_passes(inside, "dns.spf.policy", f"dns:{MAIN}")
-    title = result(inside, "dns.spf.policy", f"dns:{MAIN}")["name"]
+    title = inside.by_check("dns.spf.policy", f"dns:{MAIN}")["name"]
     assert title == f"{MAIN}'s SPF record ends in '-all' ('~all' allowed: migration window open)"
 
 
@@ -244,7 +244,7 @@ def test_eleven_lookups_through_nested_includes_fail_lookups(env: Env, knot: Kno
         f"found 11 ({MAIN}: 3, _spf-1.{MAIN}: 1,",
         f"_spf-8.{MAIN}: 1)",
     )
-    tree = result(run, "dns.spf.lookups", f"dns:{MAIN}")
+    tree = run.by_check("dns.spf.lookups", f"dns:{MAIN}")
     assert "spf include tree (lookups counted)" in {a["name"] for a in tree["attachments"]}
     assert_passes(run, "dns.spf.record", f"dns:{MAIN}")
 
@@ -282,7 +282,7 @@ def test_include_ending_in_plus_all_fails_policy(env: Env, knot: KnotServer) -> 
     assert "found '-all'" not in msg
     for check_id in ("dns.spf.record", "dns.spf.providers", "dns.spf.senders"):
         assert_passes(run, check_id, f"dns:{MAIN}")
-    data = evidence(run, result(run, "dns.spf.policy", f"dns:{MAIN}"), "spf")
+    data = evidence(run, run.by_check("dns.spf.policy", f"dns:{MAIN}"), "spf")
     assert data["final_all"] == "-all"
     assert data["probes"]["203.0.113.254"]["result"] == "pass"
     assert [p["record_at"] for p in data["permissive"]] == ["_spf.relay-one.test"]
@@ -301,7 +301,7 @@ def test_ptr_and_a_dead_redirect_are_the_lesser_finding(env: Env, knot: KnotServ
         "some receivers skip it",
         "not a permerror: the record still evaluates",
     )
-    assert labels(result(run, "dns.spf.hygiene", f"dns:{MAIN}"))["severity"] == "minor"
+    assert labels(run.by_check("dns.spf.hygiene", f"dns:{MAIN}"))["severity"] == "minor"
     for check_id in ("dns.spf.record", "dns.spf.policy", "dns.spf.senders", "dns.spf.lookups"):
         assert_passes(run, check_id, f"dns:{MAIN}")
 
@@ -445,12 +445,12 @@ def test_subdomain_inheriting_sp_reject_passes_and_says_inherited(
     run = dns_checks(env, "check_dns_dmarc.py", keyword=SUB)
     for check_id in ("dns.dmarc.record", "dns.dmarc.policy", "dns.dmarc.reports"):
         assert_passes(run, check_id, f"dns:{SUB}")
-        res = result(run, check_id, f"dns:{SUB}")
+        res = run.by_check(check_id, f"dns:{SUB}")
         assert f"(inherited from _dmarc.{MAIN}: {SUB} has no record of its own" in res["name"]
         data = evidence(run, res, "dmarc")
         assert (data["inherited_from"], data["policy_record"]) == (MAIN, f"_dmarc.{MAIN}")
         assert data["applied_policy"] == "reject" and data["record"] == demo_dns.DMARC_RECORD
-    title = result(run, "dns.dmarc.policy", f"dns:{SUB}")["name"]
+    title = run.by_check("dns.dmarc.policy", f"dns:{SUB}")["name"]
     assert title.startswith(f"{SUB}'s DMARC record sets sp=reject or stronger")
 
 
@@ -512,7 +512,7 @@ def test_discovered_domain_without_expectations_fails_discovery(
         "found by sending_domain_discovery.query in crm (127.0.0.1:",
         f"/{dbname})",
     )
-    msg = message(result(run, "dns.discovery", "discovery:crm"))
+    msg = message(run.by_check("dns.discovery", "discovery:crm"))
     assert MAIN not in msg.split("found:", 1)[1] and PORTAL not in msg.split("found:", 1)[1]
 
 
@@ -523,7 +523,7 @@ def test_discovery_database_refusing_our_login_is_broken_naming_the_variable(
     var = env.data["databases"]["crm"]["password_env"]
     env.with_secret(tmp_path, var, "rotated-elsewhere-4b1d")
     run = env.run_checks("check_dns_discovery.py")
-    res = result(run, "dns.discovery", "discovery:crm")
+    res = run.by_check("dns.discovery", "discovery:crm")
     assert res["status"] == "broken", message(res)
     assert f"databases.crm.password_env = {var}, set in env_file" in message(res)
     assert run.returncode == 2, run.output[-2000:]
@@ -571,7 +571,7 @@ def test_migration_ready_when_new_provider_is_published(env: Env, knot: KnotServ
         assert_passes(run, check_id, f"dns:{MAIN}")
     assert_passes(run, "dns.dkim.selector", f"dkim:{MAIN}/r2")
     assert_passes(run, "dns.spf.providers", f"dns:{MAIN}")
-    title = result(run, "migration.dkim", f"dns:{MAIN}")["name"]
+    title = run.by_check("migration.dkim", f"dns:{MAIN}")["name"]
     assert title == (
         f"{MAIN} is ready to move relay-one -> relay-two: both providers' DKIM selectors resolve"
     )

@@ -50,7 +50,7 @@ from opsdrill_stack.knot import KnotServer
 from opsdrill_stack.redis_queue import BullMQ
 from tests.conftest import CheckRun, Env, Stack, derive, opsdrill
 from tests.helpers.registry import proves
-from tests.helpers.results import labels, message, result
+from tests.helpers.results import labels, message
 
 MAIN = demo_dns.MAIN.name  # example.test: From domain of the probes, signed with sel1
 TX = "probe:transactional"  # the direct probe
@@ -105,7 +105,7 @@ def parameters(res: dict[str, Any]) -> dict[str, str]:
 
 
 def assert_fails(run: CheckRun, check_id: str, target: str, *fragments: str) -> str:
-    res = result(run, check_id, target)
+    res = run.by_check(check_id, target)
     msg = message(res)
     assert res["status"] == "failed", f"{check_id}[{target}] is {res['status']}: {msg}"
     assert msg.startswith(f"opsdrill_pytest.checks.CheckFailed: {target}: "), msg
@@ -117,13 +117,13 @@ def assert_fails(run: CheckRun, check_id: str, target: str, *fragments: str) -> 
 
 
 def assert_passes(run: CheckRun, check_id: str, target: str) -> None:
-    res = result(run, check_id, target)
+    res = run.by_check(check_id, target)
     assert res["status"] == "passed", f"{check_id}[{target}]: {res['status']}: {message(res)}"
 
 
 def assert_broken(run: CheckRun, check_id: str, target: str, *fragments: str) -> str:
     """Broken (opsdrill could not judge), never failed, with every fragment in the message."""
-    res = result(run, check_id, target)
+    res = run.by_check(check_id, target)
     msg = message(res)
     assert res["status"] == "broken", f"{check_id}[{target}] is {res['status']}: {msg}"
     assert "CheckFailed" not in msg and "AssertionError" not in msg, msg
@@ -134,7 +134,7 @@ def assert_broken(run: CheckRun, check_id: str, target: str, *fragments: str) ->
 
 def assert_skipped(run: CheckRun, check_id: str, target: str, *fragments: str) -> str:
     """Skipped with a reason in plain words holding every fragment."""
-    res = result(run, check_id, target)
+    res = run.by_check(check_id, target)
     msg = message(res)
     assert res["status"] == "skipped", f"{check_id}[{target}] is {res['status']}: {msg}"
     for fragment in fragments:
@@ -305,13 +305,13 @@ def test_postfix_down_is_broken_at_once_and_a_wrong_password_is_broken_naming_us
     run = mail_checks(env, "transactional or badpass", "check_mail_probe.py")
     assert time.monotonic() - started < 60, "a probe against a closed port must not hang"
     for check_id in PROBE_CHECKS:  # every check of the probe: broken, with the same reason
-        res = result(run, check_id, TX)
+        res = run.by_check(check_id, TX)
         assert res["status"] == "broken", f"{check_id}: {res['status']}: {message(res)}"
         assert (
             f"SMTP 127.0.0.1:{port}: connection refused (while connecting, tls=starttls)"
             in message(res)
         )
-    assert duration_ms(result(run, "mail.probe.delivery", TX)) < 5000
+    assert duration_ms(run.by_check("mail.probe.delivery", TX)) < 5000
     user = mail.SENDER.address
     smtp_port = env.data["probes"]["badpass"]["smtp"]["port"]
     fix = set_in_environment("probes.badpass.smtp.password_env", "MAILTEST_WRONG_SMTP_PASSWORD")
@@ -452,7 +452,7 @@ def test_message_never_delivered_fails_listing_what_was_searched_where(env: Env)
         "not found in INBOX, Junk of probe@mailbox.test at ",
         f"127.0.0.1:{port} after 5.0 s",
     )
-    res = result(run, "mail.probe.delivery", TX)
+    res = run.by_check("mail.probe.delivery", TX)
     searched = json.loads(attachment(run, res, "not found: what was searched where"))
     assert searched["searched_folders"] == ["INBOX", "Junk"]
     assert searched["sent"]["send"]["queue_id"] in msg
@@ -490,7 +490,7 @@ def test_dkim_signing_disabled_fails_dkim_and_a_tiny_latency_budget_fails_latenc
         "expected the message visible at most 0.001 s after SMTP accepted it, found ",
         "in INBOX, detected by ",
     )
-    latency = result(run, "mail.probe.latency", TX)
+    latency = run.by_check("mail.probe.latency", TX)
     assert float(parameters(latency)["latency_s"]) > 0.001
 
 
@@ -500,7 +500,7 @@ def test_replaced_dkim_key_in_dns_fails_the_signature(env: Env, knot: KnotServer
     run = mail_checks(env, "transactional", "check_mail_probe.py")
     msg = assert_fails(run, "mail.probe.dkim", TX, f"found d={MAIN} s=sel1: fail (")
     assert "aligned" in msg
-    verdicts = json.loads(attachment(run, result(run, "mail.probe.dkim", TX), "DKIM verdicts"))
+    verdicts = json.loads(attachment(run, run.by_check("mail.probe.dkim", TX), "DKIM verdicts"))
     assert verdicts["signatures"][0]["result"] == "fail"
     assert f"sel1._domainkey.{MAIN}" in verdicts["keys"]
     assert_passes(run, "mail.probe.delivery", TX)
@@ -535,7 +535,7 @@ def test_unaligned_from_fails_dkim_and_a_trusted_fail_beats_a_spoofed_pass(env: 
         "ignored 1 header(s) from untrusted authserv-ids: evil.example claiming dkim=pass, "
         "spf=pass, dmarc=pass",
     )
-    res = result(run, "mail.probe.auth_results", TX)
+    res = run.by_check("mail.probe.auth_results", TX)
     assert parameters(res)["trusted_headers"] == "1"
     report = json.loads(attachment(run, res, "Authentication-Results: trusted and ignored"))
     assert [h["authserv_id"] for h in report["trusted"]] == [mail.AUTHSERV_ID]
@@ -565,7 +565,7 @@ def test_auth_results_skips_when_no_trusted_header_exists_and_fails_where_one_is
     with prepending_headers(env.stack.stack.postfix(), rules):
         run = mail_checks(env, "transactional or typo or strict", "check_mail_probe.py")
     assert_passes(run, "mail.probe.auth_results", TX)
-    assert parameters(result(run, "mail.probe.auth_results", TX))["trusted_headers"] == "1"
+    assert parameters(run.by_check("mail.probe.auth_results", TX))["trusted_headers"] == "1"
     seen = f"the message carried 1 header(s) from {mail.AUTHSERV_ID}, all ignored as untrusted"
     assert_skipped(
         run,
@@ -614,7 +614,7 @@ def test_junk_filing_fails_delivery_and_a_score_over_the_threshold_fails_spam(en
         "expected a SpamAssassin score below -5 (spamd 127.0.0.1:",
         "found -1; rules that fired: ALL_TRUSTED -1.0",
     )
-    spam = result(run, "mail.probe.spam", TX)
+    spam = run.by_check("mail.probe.spam", TX)
     assert parameters(spam)["score"] == "-1.0"
     assert "ALL_TRUSTED" in attachment(run, spam, "SpamAssassin rules that fired")
     assert_passes(run, "mail.probe.latency", TX)  # found in Junk, in time
@@ -654,7 +654,7 @@ def test_missing_activation_link_fails_link_and_a_backlog_fails_the_queue(env: E
         f"queue bull:{queue.queue}: 200 jobs waiting (threshold 100): is the worker running?",
         "s old (threshold 600 s)",
     )
-    res = result(run, "mail.queue.backlog", QUEUE)
+    res = run.by_check("mail.queue.backlog", QUEUE)
     assert parameters(res)["waiting"] == "200"
     assert float(parameters(res)["oldest_age_s"]) >= 3600
 
@@ -684,7 +684,7 @@ def test_overdue_delayed_failed_and_paused_jobs_of_a_real_bullmq_queue_fail_the_
             f"{where}: 200 jobs failed in the last 3600 s (threshold 10): the worker runs but "
             "sending fails",
         )
-        res = result(run, "mail.queue.backlog", QUEUE)
+        res = run.by_check("mail.queue.backlog", QUEUE)
         shown = parameters(res)
         assert {k: shown[k] for k in ("waiting", "delayed", "overdue", "failed")} == {
             "waiting": "0",
@@ -710,7 +710,7 @@ def test_overdue_delayed_failed_and_paused_jobs_of_a_real_bullmq_queue_fail_the_
         "sends nothing",
         "(the queue is paused)",
     )
-    shown = parameters(result(paused, "mail.queue.backlog", QUEUE))
+    shown = parameters(paused.by_check("mail.queue.backlog", QUEUE))
     assert (shown["paused"], shown["prioritized"], shown["waiting"]) == ("3", "5", "0")
 
 
@@ -774,9 +774,9 @@ def test_redirect_set_fails_showing_the_address_even_after_the_bundle_masked_it(
     run = env.run_checks(
         "check_secrets_bundle.py", "check_mail_config.py", extra=("-k", "not queue")
     )
-    bundle = result(run, "secrets.bundle.encryption_key", "secrets:app")
+    bundle = run.by_check("secrets.bundle.encryption_key", "secrets:app")
     assert bundle["status"] == "passed", message(bundle)  # it read (and registered) the .env
-    res = result(run, "mail.config.redirect", APPENV)
+    res = run.by_check("mail.config.redirect", APPENV)
     assert bundle["stop"] <= res["start"]  # ... before the redirect check ran
     msg = assert_fails(
         run,
@@ -865,7 +865,7 @@ def wait_for_invites(env: Env, count: int, timeout: float = 90.0) -> None:
 
 
 def evidence_of(run: CheckRun, target: str = INVITE) -> dict[str, Any]:
-    res = result(run, "mail.app.delivery", target)
+    res = run.by_check("mail.app.delivery", target)
     return dict(json.loads(attachment(run, res, "probe evidence")))
 
 
@@ -902,7 +902,7 @@ def test_two_triggered_runs_at_once_each_claim_their_own_invitation(env: Env) ->
     assert one["received"]["uid"] != other["received"]["uid"], (one["received"], other)
     assert one["token"] != other["token"]
     for run, mine, theirs in ((first, one, other), (second, other, one)):
-        res = result(run, "mail.app.delivery", INVITE)
+        res = run.by_check("mail.app.delivery", INVITE)
         (eml,) = eml_names(res)
         raw = attachment(run, res, eml)
         assert mine["token"] in raw and theirs["token"] not in raw
@@ -1023,7 +1023,7 @@ def test_microsoft_365_results_without_authserv_id_are_judged_when_topmost(env: 
         "ignored 1 header(s) from untrusted authserv-ids: (no authserv-id) claiming spf=pass, "
         "dkim=pass, dmarc=pass, compauth=pass",
     )
-    res = result(run, "mail.probe.auth_results", "probe:m365")
+    res = run.by_check("mail.probe.auth_results", "probe:m365")
     report = json.loads(attachment(run, res, "Authentication-Results: trusted and ignored"))
     (trusted,) = report["trusted"]
     assert trusted["authserv_id"] is None and trusted["index"] == 0
@@ -1078,7 +1078,7 @@ def test_sweep_of_15000_stale_probe_messages_runs_in_batches(env: Env) -> None:
             assert len(uid_search(box, f'HEADER {PROBE_HEADER} ""')) >= 15_000
         run = mail_checks(env, "sweeper and reaches", "check_mail_probe.py")
         assert_passes(run, "mail.probe.delivery", "probe:sweeper")
-        res = result(run, "mail.probe.delivery", "probe:sweeper")
+        res = run.by_check("mail.probe.delivery", "probe:sweeper")
         assert json.loads(attachment(run, res, "probe evidence"))["swept_stale_probes"] == 15_000
         with session(ops) as box:
             select(box, "INBOX", readonly=True)
@@ -1103,7 +1103,7 @@ def test_verify_false_warns_on_every_check_and_an_untrusted_certificate_names_ca
     rewrite_probe(env, **{"smtp.verify": False, "imap.verify": False})
     run = mail_checks(env, "transactional or noca", "check_mail_probe.py")
     for check_id in PROBE_CHECKS:
-        res = result(run, check_id, TX)
+        res = run.by_check(check_id, TX)
         assert res["status"] in ("passed", "skipped"), (check_id, message(res))
         text = attachment(run, res, "TLS verification disabled")
         assert "probe:transactional: TLS certificate verification is OFF: " in text
