@@ -198,10 +198,8 @@ def choose(
             try:
                 return _in_container(container, wanted, tool, key)
             except ConfigError as exc:  # say first what is missing, then why no container
-                installed = "; ".join(seen) or "none installed"
                 raise ConfigError(
-                    f"{key}: {why} runs PostgreSQL {wanted}, and no {tool} of PostgreSQL "
-                    f"{wanted} or newer is installed ({installed}); nothing was done; the "
+                    f"{_missing(tool, key, wanted, why, seen)}; nothing was done; the "
                     f"container fallback failed too: {exc.message}"
                 ) from None
         seen.append(f"no Docker engine answers for {key}.tools_container = {container!r}")
@@ -258,6 +256,14 @@ def _in_container(pattern: str, major: int, tool: str, key: str) -> PgTools:
     )
 
 
+def _missing(tool: str, key: str, major: int, why: str, seen: list[str]) -> str:
+    found = "; ".join(seen) or "none installed"
+    return (
+        f"{key}: {why} runs PostgreSQL {major}, and no {tool} of PostgreSQL {major} or newer "
+        f"is available ({found})"
+    )
+
+
 def _none_match(
     tool: str, key: str, major: int | None, why: str, seen: list[str], container: str
 ) -> str:
@@ -274,8 +280,8 @@ def _none_match(
         else f" (container tools are off: {key}.tools_container is empty)"
     )
     return (
-        f"{key}: {why} runs PostgreSQL {major}, and no {tool} of PostgreSQL {major} or newer "
-        f"is available ({found}); nothing was done (fix: install PostgreSQL {major} client "
-        f"tools (apt-get install postgresql-client-{major}, from apt.postgresql.org on Debian "
-        f"and Ubuntu), or set {key}.pg_bin_dir to their bin directory{docker})"
+        f"{_missing(tool, key, major, why, seen)}; nothing was done (fix: install PostgreSQL "
+        f"{major} client tools (apt-get install postgresql-client-{major}, from "
+        f"apt.postgresql.org on Debian and Ubuntu), or set {key}.pg_bin_dir to their bin "
+        f"directory{docker})"
     )

@@ -332,15 +332,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     return result
 
 
+def _target_params(item: pytest.Item) -> dict[str, Any]:
+    """The item's target fixtures and their facades. An inventory without such targets
+    parametrises with NOTSET (and skips): no ``.id``, not a target."""
+    callspec = getattr(item, "callspec", None)
+    return {k: v for k, v in (callspec.params if callspec else {}).items() if hasattr(v, "id")}
+
+
 def _targets_of(items: list[pytest.Item]) -> list[tuple[str, Any]]:
     """(check module, target) for each selected item: what the run will examine."""
     found = []
     for item in items:
-        callspec = getattr(item, "callspec", None)
         module = getattr(getattr(item, "module", None), "__name__", "").rsplit(".", 1)[-1]
-        for value in (callspec.params if callspec else {}).values():
-            if hasattr(value, "id"):
-                found.append((module, value))
+        found += [(module, value) for value in _target_params(item).values()]
     return found
 
 
@@ -349,11 +353,7 @@ def _group(items: list[pytest.Item]) -> None:
     # the report is computed once and shared. Mirror checks that write canaries to the live
     # bucket share a worker with the parity checks they would otherwise disturb.
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        # an inventory without such targets parametrises with NOTSET (and skips): no .id
-        params = {
-            k: v for k, v in (callspec.params if callspec else {}).items() if hasattr(v, "id")
-        }
+        params = _target_params(item)
         if item.get_closest_marker("drill") and "pg_target" in params:
             item.add_marker(pytest.mark.xdist_group(f"drill-{params['pg_target'].id}"))
         if "mirror_target" in params:
@@ -401,12 +401,12 @@ def _runbook_link(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(autouse=True)
 def _target_label(request: pytest.FixtureRequest) -> None:
     """Label each check's Allure result with the target it verified (``pg:crm``)."""
-    callspec = getattr(request.node, "callspec", None)
+    params = _target_params(request.node)
     for name in TARGET_FIXTURES:
-        if callspec is not None and hasattr(callspec.params.get(name), "id"):
+        if name in params:
             import allure
 
-            allure.dynamic.label("target", callspec.params[name].id)
+            allure.dynamic.label("target", params[name].id)
 
 
 @pytest.fixture(scope="session")
