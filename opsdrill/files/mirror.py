@@ -305,8 +305,9 @@ def _mirror_one(
     else:
         ctype = content_type or "application/octet-stream"
         s3_exact.put(
-            dst.s3, dst.bucket, key, io.BytesIO(body), len(body), ctype, metadata, PART_SIZE
-        )
+            dst.s3, dst.bucket, key, io.BytesIO(body), len(body), ctype, metadata, PART_SIZE,
+            sha256=sha,
+        )  # fmt: skip
     return True, entry
 
 

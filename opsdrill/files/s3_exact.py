@@ -7,7 +7,8 @@ Used by the files mirror (opsdrill.files.mirror) and what reads its stores for t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -64,12 +65,40 @@ class _ExactPaths(urllib3.PoolManager):
         return pool.urlopen(method, target, redirect=False, assert_same_host=False, **kw)
 
 
+# -- a payload hash computed once --------------------------------------------------------
+# Over plain HTTP, minio signs every request with the sha256 of its body, computing it in
+# _build_headers even when the caller already holds that hash. The mirror does: it hashed
+# each single-part object to record its sha256. PAYLOAD_SHA256 is that header, given by the
+# caller for a single PUT. The signature then covers the caller's hash, and AWS and MinIO
+# refuse a body that does not match it (XAmzContentSHA256Mismatch; moto does not check).
+# The mirror hashes the very buffer it sends, so the two cannot differ. Half of the
+# mirror's hashing, saved.
+PAYLOAD_SHA256 = "x-amz-content-sha256"
+
+
+def _build_headers_known_payload(
+    s3: Minio, original: Callable[..., tuple[DictType, Any]], host: str,
+    headers: DictType | None = None, body: bytes | None = None, creds: Any = None,
+) -> tuple[DictType, Any]:  # fmt: skip
+    known = (headers or {}).get(PAYLOAD_SHA256)
+    if not isinstance(known, str) or not creds or s3._base_url.is_https or body is None:
+        return original(host, headers, body, creds)
+    built, date = original(host, headers, None, creds)  # signs nothing yet: no body hashed
+    built["Content-Length"] = str(len(body))
+    built[PAYLOAD_SHA256] = known
+    return built, date
+
+
 def exact_client(inv: Inventory, store: Store) -> Minio:
-    """``opsdrill.s3.client`` whose requests keep "." and ".." key segments."""
+    """``opsdrill.s3.client`` whose requests keep "." and ".." key segments and take a
+    known payload hash (PAYLOAD_SHA256)."""
     s3 = client(inv, store)
     # Minio takes a ready pool, not a factory: the same settings (timeouts, retries, CA)
     # in a pool that keeps paths exact.
     s3._http = _ExactPaths(**s3._http.connection_pool_kw)
+    s3._build_headers = partial(  # type: ignore[method-assign]
+        _build_headers_known_payload, s3, s3._build_headers
+    )
     return s3
 
 
@@ -96,10 +125,13 @@ def metadata(s3: Minio, bucket: str, key: str, version: str | None = None) -> Ma
 
 def put(
     s3: Minio, bucket: str, key: str, data: BinaryIO, length: int, content_type: str,
-    metadata: Any, part_size: int,
+    metadata: Any, part_size: int, *, sha256: str | None = None,
 ) -> str | None:  # fmt: skip
     """Upload ``length`` bytes of ``data`` in parts of ``part_size``, one at a time;
-    returns the new version id."""
+    returns the new version id. ``sha256``, the hash of those bytes, spares the client
+    hashing them again when they go in one PUT (PAYLOAD_SHA256)."""
+    if sha256 is not None and length <= part_size:
+        metadata = {**metadata, PAYLOAD_SHA256: sha256}
     if not has_dot_segment(key):
         result = s3.put_object(
             bucket, key, data, length, content_type, metadata, part_size=part_size,

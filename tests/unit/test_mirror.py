@@ -560,3 +560,45 @@ def test_dot_segment_keys_in_an_unversioned_target_and_propagate_mode(world: Wor
     assert (propagated.errors, propagated.deleted) == ([], 1)
     left = boto_read_all(offsite, PLAIN, "mirror/dots-plain/")
     assert sorted(left) == [".opsdrill-mirror/index-files.json", "c.txt"]
+
+
+@pytest.mark.parametrize("key", ["known/plain.bin", "known/a/../dotted.bin"])
+def test_a_declared_payload_hash_is_signed_instead_of_hashing_again(
+    world: World, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mirror hands its own sha256 to the client for a single PUT: the request carries
+    it as the signed payload hash, and the body is not hashed a second time. (AWS and MinIO
+    refuse a body that does not match it; moto, the stack's server, does not check.)"""
+    import minio.api
+
+    inv = world.inventory("known")
+    client = s3_exact.exact_client(inv, inv.store("offsite"))
+    body = os.urandom(4096)
+    hashed: list[int] = []
+    real_hash = minio.api.sha256_hash
+    monkeypatch.setattr(
+        minio.api, "sha256_hash", lambda data: hashed.append(len(data or b"")) or real_hash(data)
+    )
+    sent: list[Any] = []
+    real_urlopen = client._http.urlopen
+    monkeypatch.setattr(
+        client._http, "urlopen",
+        lambda method, url, **kw: sent.append((method, kw["headers"])) or real_urlopen(
+            method, url, **kw
+        ),
+    )  # fmt: skip
+    s3_exact.put(
+        client, OFFSITE, key, io.BytesIO(body), len(body), "application/octet-stream",
+        {SHA_META: sha(body)}, 5 * MiB, sha256=sha(body),
+    )  # fmt: skip
+    (headers,) = [h for method, h in sent if method == "PUT"]
+    assert headers["x-amz-content-sha256"] == sha(body)
+    assert "x-amz-content-sha256" in headers["Authorization"]  # among the signed headers
+    assert headers["Content-Length"] == str(len(body))
+    assert len(body) not in hashed
+    stored = s3_exact.get(client, OFFSITE, key, None, None)
+    try:
+        assert stored.read() == body
+    finally:
+        stored.close()
+        stored.release_conn()
