@@ -22,9 +22,11 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
-from prometheus_client.parser import text_string_to_metric_families
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 
 PREFIX = "opsdrill_"
 HELP = {
@@ -117,6 +119,10 @@ def read(path: Path) -> Samples:
     of ``_UNREADABLE`` when the file is not Prometheus text."""
     if not path.exists():
         return {}
+    # imported here, as in the two functions below: only a run that writes metrics pays for
+    # prometheus_client (~20 ms of every command's start-up otherwise)
+    from prometheus_client.parser import text_string_to_metric_families
+
     samples: Samples = {}
     for family in text_string_to_metric_families(path.read_text(encoding="utf-8")):
         for sample in family.samples:
@@ -141,6 +147,8 @@ def merge_into(path: Path, update: Samples) -> None:
                 stacklevel=3,
             )
             registry = _registry(_merged({}, update))
+        from prometheus_client import write_to_textfile
+
         write_to_textfile(str(path), registry)
         os.chmod(path, 0o644)  # node_exporter runs as its own user
 
@@ -157,6 +165,8 @@ def _merged(samples: Samples, update: Samples) -> Samples:
 def _registry(samples: Samples) -> CollectorRegistry:
     """The samples as gauges; raises when one metric's samples have different label names
     (a file that is not ours)."""
+    from prometheus_client import CollectorRegistry, Gauge
+
     registry = CollectorRegistry()
     for name, values in sorted(samples.items()):
         label_names = sorted({k for labels in values for k, _ in labels})

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import urllib3
@@ -120,7 +119,9 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``plugins=False`` leaves out the subcommands of other
+    packages (finding them reads every installed distribution's metadata)."""
     p = argparse.ArgumentParser(
         prog="opsdrill",
         description="Back up PostgreSQL, the files bucket and the application's secrets "
@@ -263,8 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_metrics(rs)
     rs.set_defaults(func=cmd_restore)
-    for command in entry_points(group=COMMANDS_GROUP):
-        command.load()(sub)
+    if plugins:
+        from importlib.metadata import entry_points
+
+        for command in entry_points(group=COMMANDS_GROUP):
+            command.load()(sub)
     _exit_codes_in_every_help(p)
     return p
 
@@ -292,8 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. SIGTERM and SIGHUP clean up exactly as Ctrl-C does (every
     ``finally`` runs: the spool, the GnuPG home and its agent, the scratch database), then
     exit 128 + the signal: 130 SIGINT, 143 SIGTERM, 129 SIGHUP."""
-    parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
+    # a built-in command (what cron runs) does not pay for the plug-in search; help and
+    # anything else get the whole command line
+    parser = build_parser(plugins=False)
+    if not words or words[0] not in _commands(parser):
+        parser = build_parser()
     if words and words[0] in NOT_INSTALLED and words[0] not in _commands(parser):
         print(f"opsdrill: error: {words[0]}: {NOT_INSTALLED[words[0]]}", file=sys.stderr)
         return 2
