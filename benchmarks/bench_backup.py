@@ -47,6 +47,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import as_installed
 import psycopg
 import tomli_w
 from peers import backup_runbook, pgbackrest
@@ -545,6 +546,7 @@ def print_table(r: dict[str, Any], repeat: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_installed.with_bytecode_caches()
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
         epilog="Peers: the seed runbook's pipeline (needs rclone) and pgBackRest (needs "

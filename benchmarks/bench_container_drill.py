@@ -31,6 +31,7 @@ import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
+import as_installed
 import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +72,7 @@ def start_alone(pattern: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_installed.with_bytecode_caches()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="MB of demo CRM data")
     parser.add_argument("--repeat", type=int, default=3)

@@ -65,6 +65,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import as_installed
 import tomli_w
 
 from opsdrill.config.inventory import Inventory, load
@@ -780,6 +781,7 @@ def print_end_to_end(e: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_installed.with_bytecode_caches()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--domains", type=int, default=100, help="generated sending domains")
     p.add_argument("--workers", type=int, default=16, help="threads of the concurrent run")

@@ -85,6 +85,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import as_installed
 from imap_tools.errors import MailboxFolderSelectError
 
 from opsdrill.config.inventory import Inventory, load
@@ -965,6 +966,7 @@ def bench(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_installed.with_bytecode_caches()
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
         epilog=__doc__,

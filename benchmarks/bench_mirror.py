@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+import as_installed
 import tomli_w
 from minio import Minio
 from minio.commonconfig import ENABLED
@@ -463,6 +464,7 @@ def report(runs: list[list[Run]]) -> dict[str, Any]:
 
 
 def main() -> int:
+    as_installed.with_bytecode_caches()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--total-mb", type=int, default=500)
     parser.add_argument("--objects", type=int, default=400)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import as_installed
 import bench_dns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +64,7 @@ def check_run(inventory: Path, workers: int, marks: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_installed.with_bytecode_caches()
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--domains", type=int, default=30)
     p.add_argument("--repeat", type=int, default=5)
