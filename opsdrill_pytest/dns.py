@@ -96,8 +96,9 @@ class SharedResolver:
     def resolver(self) -> DnsResolver:
         settings = self.inv.dns
         return DnsResolver(
-            list(settings.nameservers) or None, settings.port, settings.timeout_seconds
-        )
+            list(settings.nameservers) or None, settings.port, settings.timeout_seconds,
+            remember=True,  # one run, one snapshot of DNS: shared records asked once
+        )  # fmt: skip
 
     @property
     def where(self) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,12 +111,18 @@ def decode_txt(strings: tuple[bytes, ...]) -> str:
 
 
 class DnsResolver:
-    """Resolver on dnspython: the given servers (or the system's), no cache, bounded.
+    """Resolver on dnspython: the given servers (or the system's), bounded.
 
     ``timeout`` bounds one try at one server; ``lifetime`` (default: ``timeout`` per server)
-    bounds the whole query including retries. ``queries`` counts the queries asked, for the
+    bounds the whole query including retries. ``queries`` counts the queries sent, for the
     benchmark. Thread-safe: dnspython's ``Resolver.resolve`` keeps per-call state only,
-    there is no cache, and the counter is under a lock.
+    and the counter and the answers kept are under a lock.
+
+    ``remember=True`` keeps every answer (NOERROR or NXDOMAIN; a failure is asked again)
+    for the resolver's life: one check run then reads one snapshot of DNS, and the records
+    many domains share (a provider's SPF include, its DKIM key behind a CNAME) are asked
+    once, not once per domain. dnspython's own cache would do it by TTL, and would drop the
+    answer text and timing that evidence shows; and a check run lasts seconds.
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class DnsResolver:
         timeout: float = 2.0,
         *,
         lifetime: float | None = None,
+        remember: bool = False,
     ) -> None:
         if nameservers:
             for server in nameservers:
@@ -151,13 +159,33 @@ class DnsResolver:
         self.port = port
         self._lock = threading.Lock()
         self.queries = 0
+        # remember=True: an answer per question, or the Future of the query in flight
+        self._answers: dict[tuple[str, str], Future[DnsAnswer]] | None = {} if remember else None
 
     @property
     def servers(self) -> list[str]:
         return [f"{ns}:{self.port}" for ns in self._resolver.nameservers]
 
     def query(self, name: str, rdtype: str) -> DnsAnswer:
-        answer = self._ask(normalise_name(name), rdtype)
+        key = (normalise_name(name), rdtype.upper())
+        if self._answers is None:
+            return self._resolve(*key)
+        with self._lock:
+            known = self._answers.get(key)
+            if known is None:  # ours to ask; a thread asking the same meanwhile waits for it
+                mine = self._answers[key] = Future()
+        if known is not None:
+            return known.result()
+        try:
+            mine.set_result(self._resolve(*key))
+        except BaseException as exc:
+            with self._lock:  # not remembered: the next question asks again
+                del self._answers[key]
+            mine.set_exception(exc)
+        return mine.result()
+
+    def _resolve(self, qname: str, rdtype: str) -> DnsAnswer:
+        answer = self._ask(qname, rdtype)
         if answer.records or answer.rcode != "NOERROR" or not answer.cname_chain:
             return answer
         if answer.rdtype == "CNAME":
