@@ -71,8 +71,8 @@ class _ExactPaths(urllib3.PoolManager):
 # each single-part object to record its sha256. PAYLOAD_SHA256 is that header, given by the
 # caller for a single PUT. The signature then covers the caller's hash, and AWS and MinIO
 # refuse a body that does not match it (XAmzContentSHA256Mismatch; moto does not check).
-# The mirror hashes the very buffer it sends, so the two cannot differ. Half of the
-# mirror's hashing, saved.
+# The mirror hashes the very buffer it sends, so the two cannot differ. Each single-part
+# object is hashed once instead of twice.
 PAYLOAD_SHA256 = "x-amz-content-sha256"
 
 
