@@ -4,8 +4,10 @@ Why it is shaped this way:
 - by content: multipart ETags are not MD5s, so each copy carries the sha256 of its bytes in
   user metadata (SHA_META), and an index of the source as last copied makes a run with no
   changes cost three listings and one small GET;
-- streamed: objects above PART_SIZE are read twice (hash, then upload while re-hashing), so
-  memory is a few parts per worker whatever the object size;
+- streamed: memory is a few parts per worker whatever the object size. An object above
+  PART_SIZE is read once into a private spool while hashed (opsdrill.files.spool), since its
+  sha256 goes with the upload's first request; without room to spool it is read twice
+  (hash, then upload while re-hashing);
 - never destructive: in the versioned target bucket an overwrite keeps the previous copy (an
   unversioned one gets new keys only; changed ones are refused, loudly), and nothing is
   deleted unless ``delete_mode = "propagate"`` (a test-only wrong mode);
@@ -18,10 +20,12 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ from minio.error import MinioException, S3Error
 from urllib3.exceptions import HTTPError
 from urllib3.response import BaseHTTPResponse
 
+from opsdrill import workspace
 from opsdrill.config.inventory import Inventory, Store
 from opsdrill.errors import (
     ConfigError,
@@ -42,7 +47,7 @@ from opsdrill.errors import (
     RefusedError,
     TargetUnreachable,
 )
-from opsdrill.files import s3_exact
+from opsdrill.files import s3_exact, spool
 from opsdrill.files.s3_exact import ShortRead
 from opsdrill.redact import redact
 from opsdrill.s3 import CREDENTIAL_CODES, PART_SIZE, iter_chunks, unreachable
@@ -244,7 +249,10 @@ def run_mirror(inv: Inventory, name: str, *, workers: int | None = None) -> Mirr
         summary.same_content += not copied
         summary.bytes_copied += fresh[rel]["size"] if copied else 0
 
-    _parallel(pool_size, _largest_first(todo, source), done, summary, src.prefix)
+    with workspace.run("mirror") as ws:  # where objects over one part are spooled (spool.py)
+        if any(source[rel].size > PART_SIZE for rel in todo):
+            ws.path  # noqa: B018 - its directory made once, before the workers share it
+        _parallel(pool_size, _largest_first(todo, source), done, summary, src.prefix)
     if mirror.delete_mode == "propagate":  # the deliberately wrong mode; see Mirror
         for rel in sorted(target.keys() - source.keys()):
             try:
@@ -269,46 +277,61 @@ def _mirror_one(
     Reads are pinned to the listed ETag (If-Match), so the hash, the bytes sent and the
     index entry all describe the object that was listed. Returns (copied, index entry).
     """
-    key, body, content_type = dst.prefix + rel, None, None
-    if obj.size <= PART_SIZE:  # read once: bounded by PART_SIZE
-        response = s3_exact.get(src.s3, src.bucket, obj.key, None, obj.etag)
-        content_type = response.headers.get("content-type")
-        body = _read_all(response)
-        if len(body) != obj.size:
-            raise _Failure(f"read {len(body)} bytes, the listing said {obj.size}")
-        sha = hashlib.sha256(body).hexdigest()
-    else:
-        sha = object_sha256(src.s3, src.bucket, obj.key, etag=obj.etag)
-    entry = {"etag": obj.etag, "size": obj.size, "sha256": sha}
-    recorded: str | None = None
-    # A key the target listing lacks needs no HEAD; in an unversioned bucket we look anyway,
-    # since a write there after the listing would otherwise be overwritten without history.
-    if listed_off_site or not versioned:
-        try:
-            recorded = s3_exact.metadata(dst.s3, dst.bucket, key).get(_META + SHA_META, "")
-        except S3Error as exc:
-            if exc.code != "NoSuchKey":
-                raise
-    if recorded == sha:
-        return False, entry
-    if recorded is not None and not versioned:
-        raise _Failure(
-            "not overwritten: the target bucket is not versioned, so this would destroy the "
-            "previous off-site copy (fix: enable versioning on it)"
-        )
-    metadata: Any = {SHA_META: sha, "opsdrill-source-etag": obj.etag}
-    metadata["opsdrill-source-last-modified"] = obj.last_modified.isoformat()
-    if body is None:
-        sent, version_id = _stream_copy(src, obj, dst, key, metadata, etag=obj.etag)
-        if sent != sha:
-            _remove_bad_copy(dst, key, version_id, "changed while being copied")
-    else:
+    with contextlib.ExitStack() as done:
+        key, body, spooled, content_type = dst.prefix + rel, None, None, None
+        if obj.size <= PART_SIZE:  # read once: bounded by PART_SIZE
+            response = s3_exact.get(src.s3, src.bucket, obj.key, None, obj.etag)
+            content_type = response.headers.get("content-type")
+            body = _read_all(response)
+            if len(body) != obj.size:
+                raise _Failure(f"read {len(body)} bytes, the listing said {obj.size}")
+            sha = hashlib.sha256(body).hexdigest()
+        elif spool.room_for(obj.size):  # read once, into the run's private directory
+            response = s3_exact.get(src.s3, src.bucket, obj.key, None, obj.etag)
+            spooled = done.enter_context(spool.spool(response, f"object-{uuid.uuid4().hex}"))
+        if spooled is not None:
+            if spooled.size != obj.size:
+                raise _Failure(f"read {spooled.size} bytes, the listing said {obj.size}")
+            sha, content_type = spooled.sha256, spooled.content_type
+        elif body is None:  # no room to spool: hashed now, read again to send
+            sha = object_sha256(src.s3, src.bucket, obj.key, etag=obj.etag)
+        entry = {"etag": obj.etag, "size": obj.size, "sha256": sha}
+        recorded: str | None = None
+        # A key the target listing lacks needs no HEAD; in an unversioned bucket we look
+        # anyway, since a write there after the listing would otherwise be overwritten
+        # without history.
+        if listed_off_site or not versioned:
+            try:
+                recorded = s3_exact.metadata(dst.s3, dst.bucket, key).get(_META + SHA_META, "")
+            except S3Error as exc:
+                if exc.code != "NoSuchKey":
+                    raise
+        if recorded == sha:
+            return False, entry
+        if recorded is not None and not versioned:
+            raise _Failure(
+                "not overwritten: the target bucket is not versioned, so this would destroy "
+                "the previous off-site copy (fix: enable versioning on it)"
+            )
+        metadata: Any = {SHA_META: sha, "opsdrill-source-etag": obj.etag}
+        metadata["opsdrill-source-last-modified"] = obj.last_modified.isoformat()
         ctype = content_type or "application/octet-stream"
-        s3_exact.put(
-            dst.s3, dst.bucket, key, io.BytesIO(body), len(body), ctype, metadata, PART_SIZE,
-            sha256=sha,
-        )  # fmt: skip
-    return True, entry
+        if body is not None:
+            s3_exact.put(
+                dst.s3, dst.bucket, key, io.BytesIO(body), len(body), ctype, metadata,
+                PART_SIZE, sha256=sha,
+            )  # fmt: skip
+        elif spooled is not None:  # the bytes hashed are the bytes sent: nothing to compare
+            with spooled.path.open("rb") as source:
+                s3_exact.put(
+                    dst.s3, dst.bucket, key, source, obj.size, ctype, metadata,
+                    _part_size(obj.size),
+                )  # fmt: skip
+        else:
+            sent, version_id = _stream_copy(src, obj, dst, key, metadata, etag=obj.etag)
+            if sent != sha:
+                _remove_bad_copy(dst, key, version_id, "changed while being copied")
+        return True, entry
 
 
 def restore_mirror(
@@ -401,12 +424,16 @@ def _stream_copy(
         version_id = s3_exact.put(
             dst.s3, dst.bucket, key, reader, obj.size,  # type: ignore[arg-type]
             response.headers.get("content-type") or "application/octet-stream", metadata,
-            max(PART_SIZE, -(-obj.size // 10_000)),  # S3 allows 10,000 parts
+            _part_size(obj.size),
         )  # fmt: skip
     finally:
         response.close()
         response.release_conn()
     return reader.digest.hexdigest(), version_id
+
+
+def _part_size(size: int) -> int:
+    return max(PART_SIZE, -(-size // 10_000))  # S3 allows 10,000 parts
 
 
 def _remove_bad_copy(dst: _Side, key: str, version_id: str | None, why: str) -> None:

@@ -10,6 +10,8 @@ import io
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -30,7 +32,7 @@ from minio.versioningconfig import VersioningConfig
 
 from opsdrill.config.inventory import Inventory, load
 from opsdrill.errors import ConfigError, OperationFailed, RefusedError, TargetUnreachable
-from opsdrill.files import mirror, s3_exact
+from opsdrill.files import mirror, s3_exact, spool
 from opsdrill.files.mirror import SHA_META, MirrorSummary, restore_mirror, run_mirror, target_key
 from opsdrill_stack.procs import free_port
 from opsdrill_stack.s3server import S3Server
@@ -328,6 +330,7 @@ def test_a_change_during_the_upload_pass_removes_the_bad_copy(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)  # so 6 MiB takes the streaming path
+    monkeypatch.setattr(spool, "room_for", lambda size: False)  # read twice, not spooled
     inv = world.inventory("race")
     world.seed("race", {"blob": os.urandom(6 * MiB)})
     # as if the hash pass had seen other bytes than the upload pass sent
@@ -602,3 +605,92 @@ def test_a_declared_payload_hash_is_signed_instead_of_hashing_again(
     finally:
         stored.close()
         stored.release_conn()
+
+
+def _counting_gets(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    gets: dict[str, int] = {}
+    real_get = s3_exact.get
+
+    def get(s3: Minio, bucket: str, key: str, *args: Any) -> Any:
+        gets[key] = gets.get(key, 0) + 1
+        return real_get(s3, bucket, key, *args)
+
+    monkeypatch.setattr(s3_exact, "get", get)
+    return gets
+
+
+def test_an_object_over_one_part_is_read_once_through_a_private_spool(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sha256 must be in the metadata before the upload starts: the object is spooled
+    while hashed (0600, in the run's 0700 directory) and sent from there, then removed."""
+    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)
+    inv = world.inventory("spool")
+    blob = os.urandom(12 * MiB)
+    world.live.put_object(LIVE, "spool/blob", io.BytesIO(blob), len(blob), part_size=5 * MiB)
+    gets = _counting_gets(monkeypatch)
+    seen: list[tuple[Path, int, int]] = []
+    real_write = spool._write
+
+    def write(response: Any, path: Path) -> tuple[int, str]:
+        seen.append((path, path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777))
+        return real_write(response, path)
+
+    monkeypatch.setattr(spool, "_write", write)
+    summary = run_mirror(inv, "files")
+    assert (summary.ok, summary.copied) == (True, 1), summary.errors
+    assert gets == {"spool/blob": 1}
+    [(path, mode, dir_mode)] = seen
+    assert (mode, dir_mode) == (0o600, 0o700)
+    assert not path.exists() and not path.parent.exists()  # the run's directory went too
+    stat = world.offsite.stat_object(OFFSITE, world.target(inv, "blob"))
+    assert stat.metadata[f"x-amz-meta-{SHA_META}"] == sha(blob)
+    assert read(world.offsite, OFFSITE, world.target(inv, "blob")) == blob
+
+
+def test_without_room_to_spool_an_object_is_read_twice_and_copied_right(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)
+    monkeypatch.setattr(spool, "RESERVE_BYTES", 2**62)  # no filesystem keeps that free
+    inv = world.inventory("noroom")
+    blob = os.urandom(6 * MiB)
+    world.seed("noroom", {"blob": blob})
+    gets = _counting_gets(monkeypatch)
+    summary = run_mirror(inv, "files")
+    assert (summary.ok, summary.copied, gets) == (True, 1, {"noroom/blob": 2})
+    assert read(world.offsite, OFFSITE, world.target(inv, "blob")) == blob
+
+
+def test_a_disk_that_fills_up_while_spooling_costs_a_second_read_not_the_object(
+    world: World,
+) -> None:
+    """A real write failure (the file size limit: EFBIG, as ENOSPC would be) in a run of
+    its own: the object is read again and copied, and no spool is left."""
+    inv = world.inventory("full")
+    blob = os.urandom(20 * MiB)  # over the mirror's 16 MiB part: spooled
+    world.seed("full", {"blob": blob})
+    tmp = world.base / "tmp-full"
+    tmp.mkdir()
+    script = f"""
+import resource, signal, sys
+from opsdrill.config.inventory import load
+from opsdrill.files import mirror, s3_exact
+gets = []
+real_get = s3_exact.get
+s3_exact.get = lambda s3, bucket, key, *a: gets.append(key) or real_get(s3, bucket, key, *a)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, resource.RLIM_INFINITY))
+summary = mirror.run_mirror(load({str(inv.path)!r}), "files")
+print(summary.ok, summary.copied, gets, summary.errors)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True 1 ['full/blob', 'full/blob', 'full/blob'] []"
+    assert list(tmp.iterdir()) == []
+    stat = world.offsite.stat_object(OFFSITE, world.target(inv, "blob"))
+    assert stat.metadata[f"x-amz-meta-{SHA_META}"] == sha(blob)
+    assert read(world.offsite, OFFSITE, world.target(inv, "blob")) == blob
