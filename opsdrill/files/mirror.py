@@ -460,14 +460,18 @@ def _parallel(
 ) -> None:
     """Run per-object jobs on a bounded pool; a failure is recorded under its key, not raised."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opsdrill-mirror") as pool:
-        futures = {pool.submit(job): rel for rel, job in jobs.items()}
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except Exception as exc:  # one object's failure must not stop the others
-                _record(summary, f"{prefix}{futures[future]}", exc)
-            else:
-                done(futures[future], result)
+        try:  # from the first submit: an interrupt there too must cancel what was queued
+            futures = {pool.submit(job): rel for rel, job in jobs.items()}
+            for future in as_completed(futures):
+                try:
+                    result = future.result()
+                except Exception as exc:  # one object's failure must not stop the others
+                    _record(summary, f"{prefix}{futures[future]}", exc)
+                else:
+                    done(futures[future], result)
+        except BaseException:  # Ctrl-C, SIGTERM: finish the copies under way, start no more
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _record(summary: MirrorSummary, key: str, exc: BaseException, note: str = "") -> None:

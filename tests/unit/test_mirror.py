@@ -10,6 +10,7 @@ import io
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -694,3 +695,36 @@ print(summary.ok, summary.copied, gets, summary.errors)
     stat = world.offsite.stat_object(OFFSITE, world.target(inv, "blob"))
     assert stat.metadata[f"x-amz-meta-{SHA_META}"] == sha(blob)
     assert read(world.offsite, OFFSITE, world.target(inv, "blob")) == blob
+
+
+def test_sigterm_stops_the_mirror_soon_and_leaves_no_spool(world: World) -> None:
+    """SIGTERM as soon as the run's private directory exists (the jobs are being queued):
+    the copy under way finishes, no other starts, the command exits 143 at once, and the
+    directory, with the spool, is gone."""
+    inv = world.inventory("term")
+    world.seed("term", {f"small/{i:04d}": os.urandom(64 * 1024) for i in range(300)})
+    blob = os.urandom(20 * MiB)  # spooled
+    world.seed("term", {"big/blob": blob})
+    tmp = world.base / "tmp-term"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    # one worker: the big object first (largest first), then 300 small ones one by one
+    argv = [sys.executable, "-m", "opsdrill", "mirror", "-i", str(inv.path), "--workers", "1"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(tmp.glob("opsdrill-mirror-*")) and time.monotonic() < deadline:
+            time.sleep(0.01)  # made just before the copies are queued
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, err.decode()
+    assert time.monotonic() - sent < 5
+    assert list(tmp.iterdir()) == []
+    copied = list(world.offsite.list_objects(OFFSITE, "mirror/term/", recursive=True))
+    # the one copy under way (the big object: largest first) finished; no other started.
+    # An interrupt while the jobs were still being queued waited for all of them (fixed).
+    assert len(copied) <= 2, f"{len(copied)} objects copied: the run went on after SIGTERM"
