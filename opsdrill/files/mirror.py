@@ -269,6 +269,39 @@ def run_mirror(inv: Inventory, name: str, *, workers: int | None = None) -> Mirr
     return _finish(summary, started, src, dst)
 
 
+@dataclass(frozen=True)
+class _Read:
+    """An object as read for its copy: in memory (one part at most), spooled (more), or, with
+    no room to spool, only hashed (it is read again to be sent)."""
+
+    sha256: str
+    content_type: str | None
+    body: bytes | None = None
+    spooled: spool.Spooled | None = None
+
+
+def _read_source(src: _Side, obj: Listed, done: contextlib.ExitStack) -> _Read:
+    """One read of ``obj``, pinned to its listed ETag; a spool lives as long as ``done``."""
+    if obj.size <= PART_SIZE:
+        response = s3_exact.get(src.s3, src.bucket, obj.key, None, obj.etag)
+        content_type = response.headers.get("content-type")
+        body = _read_all(response)
+        _check_size(len(body), obj)
+        return _Read(hashlib.sha256(body).hexdigest(), content_type, body=body)
+    if spool.room_for(obj.size):
+        response = s3_exact.get(src.s3, src.bucket, obj.key, None, obj.etag)
+        spooled = done.enter_context(spool.spool(response, f"object-{uuid.uuid4().hex}"))
+        if spooled is not None:
+            _check_size(spooled.size, obj)
+            return _Read(spooled.sha256, spooled.content_type, spooled=spooled)
+    return _Read(object_sha256(src.s3, src.bucket, obj.key, etag=obj.etag), None)
+
+
+def _check_size(read: int, obj: Listed) -> None:
+    if read != obj.size:
+        raise _Failure(f"read {read} bytes, the listing said {obj.size}")
+
+
 def _mirror_one(
     src: _Side, dst: _Side, rel: str, obj: Listed, versioned: bool, listed_off_site: bool
 ) -> tuple[bool, Entry]:
@@ -277,24 +310,10 @@ def _mirror_one(
     Reads are pinned to the listed ETag (If-Match), so the hash, the bytes sent and the
     index entry all describe the object that was listed. Returns (copied, index entry).
     """
+    key = dst.prefix + rel
     with contextlib.ExitStack() as done:
-        key, body, spooled, content_type = dst.prefix + rel, None, None, None
-        if obj.size <= PART_SIZE:  # read once: bounded by PART_SIZE
-            response = s3_exact.get(src.s3, src.bucket, obj.key, None, obj.etag)
-            content_type = response.headers.get("content-type")
-            body = _read_all(response)
-            if len(body) != obj.size:
-                raise _Failure(f"read {len(body)} bytes, the listing said {obj.size}")
-            sha = hashlib.sha256(body).hexdigest()
-        elif spool.room_for(obj.size):  # read once, into the run's private directory
-            response = s3_exact.get(src.s3, src.bucket, obj.key, None, obj.etag)
-            spooled = done.enter_context(spool.spool(response, f"object-{uuid.uuid4().hex}"))
-        if spooled is not None:
-            if spooled.size != obj.size:
-                raise _Failure(f"read {spooled.size} bytes, the listing said {obj.size}")
-            sha, content_type = spooled.sha256, spooled.content_type
-        elif body is None:  # no room to spool: hashed now, read again to send
-            sha = object_sha256(src.s3, src.bucket, obj.key, etag=obj.etag)
+        read = _read_source(src, obj, done)
+        sha = read.sha256
         entry = {"etag": obj.etag, "size": obj.size, "sha256": sha}
         recorded: str | None = None
         # A key the target listing lacks needs no HEAD; in an unversioned bucket we look
@@ -315,14 +334,14 @@ def _mirror_one(
             )
         metadata: Any = {SHA_META: sha, "opsdrill-source-etag": obj.etag}
         metadata["opsdrill-source-last-modified"] = obj.last_modified.isoformat()
-        ctype = content_type or "application/octet-stream"
-        if body is not None:
+        ctype = read.content_type or "application/octet-stream"
+        if read.body is not None:
             s3_exact.put(
-                dst.s3, dst.bucket, key, io.BytesIO(body), len(body), ctype, metadata,
+                dst.s3, dst.bucket, key, io.BytesIO(read.body), obj.size, ctype, metadata,
                 PART_SIZE, sha256=sha,
             )  # fmt: skip
-        elif spooled is not None:  # the bytes hashed are the bytes sent: nothing to compare
-            with spooled.path.open("rb") as source:
+        elif read.spooled is not None:  # the bytes hashed are the bytes sent: nothing to compare
+            with read.spooled.path.open("rb") as source:
                 s3_exact.put(
                     dst.s3, dst.bucket, key, source, obj.size, ctype, metadata,
                     _part_size(obj.size),
