@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="opsdrill-bench-startup-"))
-    domains, zones, _ = bench_dns.generate(args.domains, base / "dkim")
-    knot = bench_dns.PeerKnot("startup-bench", base / "knot", peer_address=None)
-    knot.start(zones)
     rows: dict[str, list[float]] = {}
     load_before = Path("/proc/loadavg").read_text().split()[:3]
+    knot: bench_dns.PeerKnot | None = None
     try:
+        domains, zones, _ = bench_dns.generate(args.domains, base / "dkim")
+        knot = bench_dns.PeerKnot("startup-bench", base / "knot", peer_address=None)
+        knot.start(zones)
         inventory = base / "inventory.toml"
         bench_dns.write_inventory(inventory, domains, knot.port, 2.0)
         check_run(inventory, 0, base / "marks")  # warm-up: bytecode, page cache
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.setdefault("-n 2 first check", []).append(xdist["first"])
             rows.setdefault("-n 2 whole run", []).append(xdist["whole"])
     finally:
-        knot.stop()
+        if knot is not None:
+            knot.stop()
+        shutil.rmtree(base, ignore_errors=True)  # zones, keys, the inventory, the marks
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\n== check-run start-up, {args.domains} domains, -m dns; median of {args.repeat} ==")
     print(f"load before {' '.join(load_before)}, after {' '.join(load_after)}")
