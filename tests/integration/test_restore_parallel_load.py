@@ -126,6 +126,16 @@ def _backup(env: Env) -> tuple[Manifest, BackupRef]:
     return manifest, ref
 
 
+def _restore_crm(
+    env: Env, scratch_target: tuple[Endpoint, str], manifest: Manifest, ref: BackupRef, **kw: Any
+) -> None:
+    """``crm``'s backup ``ref`` restored into the scratch database, owners not kept."""
+    sandbox, name = scratch_target
+    restore.restore_into(
+        env.inv, "crm", ref, manifest, sandbox.with_dbname(name), keep_owners=False, **kw
+    )
+
+
 def _stages_left() -> list[str]:
     """The restore's processes still running as children of this one (the local stack's
     servers are children too: not counted)."""
@@ -214,9 +224,7 @@ def test_the_data_loads_over_two_connections_while_the_object_still_arrives(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        restore.restore_into(
-            env.inv, "crm", ref, manifest, sandbox.with_dbname(name), jobs=2, keep_owners=False
-        )
+        _restore_crm(env, scratch_target, manifest, ref, jobs=2)
     finally:
         stop.set()
         watcher.join(10)
@@ -239,8 +247,6 @@ def test_a_failing_loader_is_named_and_every_other_stage_stops(
     decryption are stopped, and the spool, the lists and the GnuPG home are gone."""
     manifest, ref = _backup(env)
     arrived = _slow_download(monkeypatch, manifest) if arriving else {}
-    sandbox, name = scratch_target
-    inv = env.inv
     tools = _wrapped_tools(
         env,
         manifest,
@@ -253,16 +259,7 @@ def test_a_failing_loader_is_named_and_every_other_stage_stops(
     scratch_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch_tmp))
     with pytest.raises(OperationFailed) as info:
-        restore.restore_into(
-            inv,
-            "crm",
-            ref,
-            manifest,
-            sandbox.with_dbname(name),
-            jobs=2,
-            keep_owners=False,
-            tools=tools,
-        )
+        _restore_crm(env, scratch_target, manifest, ref, jobs=2, tools=tools)
     assert info.value.stage == "pg_restore (data 2/2)", info.value
     # slowed down, the failure came first; the object was still read to its end, as the
     # verdict on its integrity needs
@@ -307,16 +304,8 @@ def test_the_largest_table_loads_in_the_final_run_when_the_download_is_ahead(
         '--use-list=*/data-[0-9]*.list) "$REAL" "$@"; rc=$?; sleep 2; exit $rc;;',
     )
     started, left = _record_deferred(monkeypatch)
-    restore.restore_into(
-        env.inv,
-        "crm",
-        ref,
-        manifest,
-        sandbox.with_dbname(name),
-        jobs=2,
-        keep_owners=False,
-        tools=tools,
-        sizes=_contacts_largest(env),
+    _restore_crm(
+        env, scratch_target, manifest, ref, jobs=2, tools=tools, sizes=_contacts_largest(env)
     )
     assert left == [1] and "pg_restore (data, largest table)" not in started
     assert restore.verify_restored(sandbox.with_dbname(name), manifest).exact
@@ -331,16 +320,7 @@ def test_the_largest_table_loads_as_it_arrives_when_the_download_is_behind(
     sandbox, name = scratch_target
     _slow_download(monkeypatch, manifest)
     started, left = _record_deferred(monkeypatch)
-    restore.restore_into(
-        env.inv,
-        "crm",
-        ref,
-        manifest,
-        sandbox.with_dbname(name),
-        jobs=2,
-        keep_owners=False,
-        sizes=_contacts_largest(env),
-    )
+    _restore_crm(env, scratch_target, manifest, ref, jobs=2, sizes=_contacts_largest(env))
     assert left == [0] and "pg_restore (data, largest table)" in started
     assert restore.verify_restored(sandbox.with_dbname(name), manifest).exact
 
@@ -350,15 +330,5 @@ def test_a_restore_with_more_jobs_than_tables_restores_exactly(
 ) -> None:
     manifest, ref = _backup(env)
     sandbox, name = scratch_target
-    sizes = _contacts_largest(env)
-    restore.restore_into(
-        env.inv,
-        "crm",
-        ref,
-        manifest,
-        sandbox.with_dbname(name),
-        jobs=64,
-        keep_owners=False,
-        sizes=sizes,
-    )
+    _restore_crm(env, scratch_target, manifest, ref, jobs=64, sizes=_contacts_largest(env))
     assert restore.verify_restored(sandbox.with_dbname(name), manifest).exact
