@@ -424,41 +424,35 @@ def test_safety_guards_are_2(stack: Stack, tmp_path: Path) -> None:
 
 def test_unexpected_internal_error_is_2_and_redacted(env: Env) -> None:
     """A bug in opsdrill is not a verdict on the target: 2, printed without secrets."""
-    code = (
-        "import sys, opsdrill.cli as cli\n"
+    proc = _list_run_as(
+        env,
         "from opsdrill.cli.common import inventory_for\n"
-        "def boom(args):\n"
+        "def replacement(args):\n"
         "    inv = inventory_for(args)\n"
-        "    raise RuntimeError('bug near ' + inv.secret('OPSDRILL_OFFSITE_SECRET_KEY'))\n"
-        "cli.cmd_list = boom\n"
-        "sys.exit(cli.main(sys.argv[1:]))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "list", "-i", str(env.path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        "    raise RuntimeError('bug near ' + inv.secret('OPSDRILL_OFFSITE_SECRET_KEY'))\n",
     )
     expect(env, proc, 2, "opsdrill: unexpected RuntimeError: bug near", MASK)
 
 
 def test_interrupted_is_130(env: Env) -> None:
+    proc = _list_run_as(env, "def replacement(args):\n    raise KeyboardInterrupt\n")
+    expect(env, proc, 130, "opsdrill: interrupted")
+
+
+def _list_run_as(env: Env, replacement: str) -> subprocess.CompletedProcess[str]:
+    """``opsdrill list -i INV`` through the real CLI, its command replaced by the function
+    ``replacement`` defines: how the CLI turns what a command raised into an exit code."""
     code = (
-        "import sys, opsdrill.cli as cli\n"
-        "def interrupted(args):\n"
-        "    raise KeyboardInterrupt\n"
-        "cli.cmd_list = interrupted\n"
-        "sys.exit(cli.main(sys.argv[1:]))\n"
+        f"import sys, opsdrill.cli as cli\n{replacement}"
+        "cli.cmd_list = replacement\nsys.exit(cli.main(sys.argv[1:]))\n"
     )
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code, "list", "-i", str(env.path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    expect(env, proc, 130, "opsdrill: interrupted")
 
 
 # ---------------------------------------------------------------------------- exit 1
