@@ -3,7 +3,9 @@
 For each domain with a ``migration`` section whose window is open: both providers' DKIM
 selectors resolve to usable keys, SPF authorises both while staying within the lookup
 limits, and DMARC aggregate reports are set up so they can confirm that both align before
-the old provider is removed. Run on demand with ``pytest --pyargs opsdrill_checks -m migration``.
+the old provider is removed. The checks take ``migration_target``, the domains with such a
+section: an inventory with none skips each check once, as not configured, instead of once
+per domain. Run on demand with ``pytest --pyargs opsdrill_checks -m migration``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ pytestmark = [pytest.mark.dns, pytest.mark.migration]
 
 
 def _migrating(target: DnsTarget) -> str:
-    """``"A -> B"`` for a domain in an open migration window; skips every other domain."""
+    """``"A -> B"`` for a domain in an open migration window; skips a closed window."""
     migration = target.expected.migration
     if migration is None:
         pytest.skip(
@@ -70,18 +72,19 @@ def _migrating(target: DnsTarget) -> str:
 
 
 @DKIM
-def check_both_providers_dkim_selectors_resolve(dns_target: DnsTarget) -> None:
-    allure.dynamic.title(f"{dns_target.domain} can be DKIM-signed by both migration providers")
-    move = _migrating(dns_target)
+def check_both_providers_dkim_selectors_resolve(migration_target: DnsTarget) -> None:
+    domain = migration_target.domain
+    allure.dynamic.title(f"{domain} can be DKIM-signed by both migration providers")
+    move = _migrating(migration_target)
     allure.dynamic.title(
-        f"{dns_target.domain} is ready to move {move}: both providers' DKIM selectors resolve"
+        f"{domain} is ready to move {move}: both providers' DKIM selectors resolve"
     )
-    selectors = dns_target.expected.migration_selectors
+    selectors = migration_target.expected.migration_selectors
     allure.dynamic.parameter("selectors", ", ".join(s.selector for s in selectors) or "none")
     findings: list[Finding] = []
     failing: list[str] = []
     for sel in selectors:
-        report = dns_target.dkim(sel)
+        report = migration_target.dkim(sel)
         attach_report(f"dkim {sel.selector} ({sel.provider})", report)
         if report.findings:
             findings += report.findings
@@ -94,37 +97,38 @@ def check_both_providers_dkim_selectors_resolve(dns_target: DnsTarget) -> None:
         ],
     )
     DKIM.fail_with(
-        dns_target.id,
+        migration_target.id,
         findings,
         note=f"migration {move}: not ready: {', '.join(failing)}",
     )
 
 
 @SPF
-def check_spf_authorises_both_providers_within_limits(dns_target: DnsTarget) -> None:
-    allure.dynamic.title(f"{dns_target.domain}'s SPF record authorises both migration providers")
-    move = _migrating(dns_target)
+def check_spf_authorises_both_providers_within_limits(migration_target: DnsTarget) -> None:
+    domain = migration_target.domain
+    allure.dynamic.title(f"{domain}'s SPF record authorises both migration providers")
+    move = _migrating(migration_target)
     allure.dynamic.title(
-        f"{dns_target.domain} is ready to move {move}: SPF authorises both providers within "
+        f"{domain} is ready to move {move}: SPF authorises both providers within "
         f"{MAX_LOOKUPS} lookups"
     )
-    report = dns_target.migration_spf()
-    ends = dns_target.expected.migration_ends
+    report = migration_target.migration_spf()
+    ends = migration_target.expected.migration_ends
     attach_report("spf (both providers)", report, extra={"providers": ends})
-    missing = migration_missing(report, dns_target.expected)
+    missing = migration_missing(report, migration_target.expected)
     note = f"migration {move}" + (f": missing {', '.join(missing)}" if missing else "")
-    SPF.fail_with(dns_target.id, select(report, SPF_CODES), note=note)
+    SPF.fail_with(migration_target.id, select(report, SPF_CODES), note=note)
 
 
 @DMARC
-def check_dmarc_reports_can_confirm_alignment(dns_target: DnsTarget) -> None:
-    allure.dynamic.title(f"{dns_target.domain}'s DMARC reports can confirm the migration")
-    move = _migrating(dns_target)
+def check_dmarc_reports_can_confirm_alignment(migration_target: DnsTarget) -> None:
+    allure.dynamic.title(f"{migration_target.domain}'s DMARC reports can confirm the migration")
+    move = _migrating(migration_target)
     allure.dynamic.title(
-        f"{dns_target.domain} is ready to move {move}: DMARC aggregate reports (rua) are "
+        f"{migration_target.domain} is ready to move {move}: DMARC aggregate reports (rua) are "
         "set so they confirm both providers align"
     )
-    report = dns_target.dmarc()
+    report = migration_target.dmarc()
     attach_report("dmarc", report)
     findings = select(report, DMARC_CODES) or migration_rua_findings(report)
-    DMARC.fail_with(dns_target.id, findings, note=f"migration {move}")
+    DMARC.fail_with(migration_target.id, findings, note=f"migration {move}")

@@ -248,6 +248,7 @@ class DnsTargets:
     domains: list[DnsTarget]
     selectors: list[DkimTarget]
     discovery: list[DiscoveryTarget]
+    migrating: list[DnsTarget]  # the domains with a migration section, open or closed
 
 
 _BUILT: dict[int, tuple[Inventory, DnsTargets]] = {}
@@ -267,7 +268,8 @@ def dns_targets(inv: Inventory) -> DnsTargets:
         for sel in inv.dkim_selectors_for(target.domain, now)
     ]
     discovery = [DiscoveryTarget(inv)] if inv.model.sending_domain_discovery else []
-    built = DnsTargets(domains, selectors, discovery)
+    migrating = [target for target in domains if target.spec.migration is not None]
+    built = DnsTargets(domains, selectors, discovery, migrating)
     _BUILT[id(inv)] = (inv, built)
     return built
 

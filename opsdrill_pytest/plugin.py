@@ -262,6 +262,7 @@ def _build_targets(inv: Inventory) -> dict[str, list[Any]]:
         built["dns_target"] = list(dns.domains)
         built["dkim_target"] = list(dns.selectors)
         built["discovery_target"] = list(dns.discovery)
+        built["migration_target"] = list(dns.migrating)
     if model.probes or model.app_environment or model.queues:
         from opsdrill_pytest.mail import mail_targets
 
@@ -283,6 +284,7 @@ TARGET_FIXTURES = (
     "dns_target",
     "dkim_target",
     "discovery_target",
+    "migration_target",
     "probe_target",
     "direct_probe_target",
     "app_probe_target",
@@ -297,6 +299,8 @@ NOT_CONFIGURED = {
     "dkim_target": "no DKIM selector is expected for any sending domain "
     "(sending_domains.*.dkim_selectors, or a mail provider's dkim_selectors)",
     "discovery_target": "no [sending_domain_discovery] in the inventory",
+    "migration_target": "no sending domain is migrating between mail providers "
+    "(no sending_domains.*.migration in the inventory)",
     "probe_target": "no [probes.*] in the inventory",
     "direct_probe_target": 'no direct probe (kind = "direct") in [probes]',
     "app_probe_target": "no application-triggered probe (trigger and expect) in [probes]",
