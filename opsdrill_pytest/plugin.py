@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import shutil
@@ -344,6 +345,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
         plan_analyses(_targets_of(items))
     return result
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Take what collection built out of the garbage collector's sight: every imported
+    module and every item lives until the process exits, yet each full collection during
+    the run, pytest's own at exit and the interpreter's at shutdown would walk it all again.
+    A DNS run of 100 domains (1,500 checks) spent 0.65 s of its 3.1 s doing that."""
+    gc.freeze()
 
 
 def _target_params(item: pytest.Item) -> dict[str, Any]:
