@@ -1,9 +1,9 @@
 """Check metadata and failure reporting.
 
 Every check declares a stable id, a severity and a runbook section. The decorator turns
-that into Allure labels and marks (the runbook link is added at run time by the plugin,
-``opsdrill_pytest.plugin._runbook_link``, which knows ``--runbook-base-url``); ``fail`` builds the
-one-line message operators read first:
+that into Allure labels and marks (the runbook link is added at run time by the plugin's
+``pytest_runtest_setup``, which knows ``--runbook-base-url``); ``fail`` builds the one-line
+message operators read first:
 ``<target>: <what was expected>, found <what> (runbook: <link>)``, and ``fail_with`` does
 so from the library's findings (``opsdrill.findings``): the library judges, the check
 selects the codes it covers and fails with them.

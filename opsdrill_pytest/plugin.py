@@ -407,29 +407,26 @@ def _keep_group_suffix(config: pytest.Config, items: list[pytest.Item]) -> None:
         item._id = type(node_id).parse(f"{item.nodeid}{suffix}")
 
 
-@pytest.fixture(autouse=True)
-def _runbook_link(request: pytest.FixtureRequest) -> None:
-    """The check's runbook link, made absolute by --runbook-base-url. Added here, at run
-    time: the Check decorator runs at import, before the options are known."""
-    marker = request.node.get_closest_marker("check_id")
-    if marker is None or "runbook" not in marker.kwargs:
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Give each check's Allure result its runbook link and the target it verified
+    (``pg:crm``). Here, at run time: the Check decorator runs at import, before
+    ``--runbook-base-url`` is known. A hook rather than autouse fixtures: it costs nothing
+    per check when Allure is off, and a check broken in its fixtures still links its
+    runbook."""
+    marker = item.get_closest_marker("check_id")
+    params = _target_params(item)
+    if (marker is None or "runbook" not in marker.kwargs) and not params:
         return
     import allure
 
-    path = str(marker.kwargs["runbook"])
-    base = request.config.getoption("runbook_base_url")
-    url = f"{base.rstrip('/')}/{path.lstrip('/')}" if base else path
-    allure.dynamic.link(url, name=f"runbook: {path}")
-
-
-@pytest.fixture(autouse=True)
-def _target_label(request: pytest.FixtureRequest) -> None:
-    """Label each check's Allure result with the target it verified (``pg:crm``)."""
-    params = _target_params(request.node)
+    if marker is not None and "runbook" in marker.kwargs:
+        path = str(marker.kwargs["runbook"])
+        base = item.config.getoption("runbook_base_url")
+        url = f"{base.rstrip('/')}/{path.lstrip('/')}" if base else path
+        allure.dynamic.link(url, name=f"runbook: {path}")
     for name in TARGET_FIXTURES:
         if name in params:
-            import allure
-
             allure.dynamic.label("target", params[name].id)
 
 
