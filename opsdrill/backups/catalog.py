@@ -16,14 +16,14 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-
-from minio import Minio
-from minio.error import S3Error
+from typing import TYPE_CHECKING, Any
 
 from opsdrill.backups.manifest import Manifest, ManifestInvalid
 from opsdrill.config.inventory import Store
 from opsdrill.errors import OperationFailed
+
+if TYPE_CHECKING:  # the client is passed in: checks that only read refs load no S3 SDK
+    from minio import Minio
 
 TS_FORMAT = "%Y%m%dT%H%M%SZ"
 NONCE_BYTES = 3  # 6 hex digits: two runs in one second collide once in 16.7 million
@@ -190,6 +190,8 @@ def _manifest_bytes(client: Minio, store: Store, key: str) -> bytes:
 def manifest_problem(client: Minio, store: Store, ref: BackupRef) -> str | None:
     """Why complete ``ref`` is not a good backup, or None: its manifest parses and names
     the listed data object with the listed size. Store errors propagate (could not look)."""
+    from minio.error import S3Error
+
     assert ref.manifest_key is not None and ref.data_key is not None
     try:
         manifest = Manifest.from_json(_manifest_bytes(client, store, ref.manifest_key))

@@ -17,10 +17,10 @@ object need more care than a count:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import sql
+if TYPE_CHECKING:  # psycopg loads where a connection is made: the manifest model needs none
+    import psycopg
 
 # Make row::text deterministic across sessions so content hashes compare.
 STABLE_SESSION = (
@@ -85,6 +85,8 @@ def collect_stats(
     is internal to PostgreSQL: hashes compare only within one major version, which holds
     for a drill restoring into it.
     """
+    from psycopg.sql import SQL, Identifier
+
     stats = SnapshotStats()
     conn.execute(STABLE_SESSION)
     for name, schema, relname, kind, populated, persistence in conn.execute(
@@ -100,15 +102,15 @@ def collect_stats(
             entry["rows"] = 0  # counting it is an error (and would abort the snapshot)
             stats.tables[name] = entry
             continue
-        ident = sql.Identifier(schema, relname)
+        ident = Identifier(schema, relname)
         if content_hashes:
-            q = sql.SQL(
+            q = SQL(
                 "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {} t"
             ).format(ident)
             rows, digest = conn.execute(q).fetchone() or (0, "0")
             entry.update(rows=int(rows), content_hash=str(digest))
         else:
-            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+            row = conn.execute(SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
             entry["rows"] = int(row[0]) if row else 0
         stats.tables[name] = entry
     if sequences:
@@ -126,11 +128,13 @@ def read_sequences(
     (short of a setval), so the dump's own reading, taken later, is at or past this one,
     which makes "restored behind the manifest" a real loss and never a race.
     """
+    from psycopg.sql import SQL, Identifier
+
     found_all: dict[str, dict[str, Any]] = {}
     for name, schema, relname, increment, tschema, table, column, owner in conn.execute(
         SEQUENCES_QUERY
     ).fetchall():
-        q = sql.SQL("SELECT last_value, is_called FROM {}").format(sql.Identifier(schema, relname))
+        q = SQL("SELECT last_value, is_called FROM {}").format(Identifier(schema, relname))
         seq = conn.execute(q).fetchone() or (0, False)
         found: dict[str, Any] = {
             "last_value": int(seq[0]),
@@ -141,9 +145,9 @@ def read_sequences(
             found["owned_by"] = str(owner)
             if column_extremes:
                 extremes = conn.execute(
-                    sql.SQL(
-                        "SELECT max({c})::numeric::text, min({c})::numeric::text FROM {t}"
-                    ).format(c=sql.Identifier(column), t=sql.Identifier(tschema, table))
+                    SQL("SELECT max({c})::numeric::text, min({c})::numeric::text FROM {t}").format(
+                        c=Identifier(column), t=Identifier(tschema, table)
+                    )
                 ).fetchone()
                 found["column_max"] = _int_or_none(extremes[0] if extremes else None)
                 found["column_min"] = _int_or_none(extremes[1] if extremes else None)

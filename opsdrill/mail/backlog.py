@@ -33,10 +33,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from opsdrill.errors import TargetUnreachable
 from opsdrill.mail._net import is_cert_failure
 from opsdrill.mail.errors import AuthRejected, ProbeFailed, TlsVerifyFailed
@@ -279,6 +275,11 @@ def bullmq_backlog(
     cannot be reached (``TlsVerifyFailed`` when its certificate is not trusted),
     ``AuthRejected`` (a ``CredentialsRejected``) when it refuses the credentials: both
     mean nothing could be judged."""
+    # redis-py loads here, with a queue to read: a run without one never pays for it (~45 ms)
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     where = f"Redis {host}:{port}/{db}"
     client = redis.Redis(
         host=host,
