@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import allure
 import pytest
 
 from opsdrill.files.parity import lag, parity
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, SHOWN, Check, attach_json
-from opsdrill_pytest.files import MirrorTarget
+
+if TYPE_CHECKING:  # the facade, for annotations; the plugin loads it with the targets
+    from opsdrill_pytest.files import MirrorTarget
 
 PARITY = Check(
     "files.mirror.parity", "critical", f"{RUNBOOK_BACKUP}#files-mirror", "storage", "files mirror"

@@ -6,11 +6,15 @@ real mirror, and clean up after themselves (live and every off-site version).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import allure
 import pytest
 
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, Check, attach_json
-from opsdrill_pytest.files import MirrorTarget
+
+if TYPE_CHECKING:  # the facade, for annotations; the plugin loads it with the targets
+    from opsdrill_pytest.files import MirrorTarget
 
 DELETES = Check(
     "files.mirror.delete_protection",

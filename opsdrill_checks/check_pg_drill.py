@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import allure
 import pytest
 
-from opsdrill.backups.backup import live_endpoint
-from opsdrill.backups.drill import DrillReport, pick_for_drill
 from opsdrill.backups.manifest import Manifest
-from opsdrill.backups.sandbox_guard import (
-    SandboxIsProduction,
-    SandboxRefused,
-    SandboxUnproven,
-    guard_manifests,
-    guard_sandbox,
-    sandbox_endpoint,
-)
 from opsdrill.errors import OperationFailed, RefusedError, TargetUnreachable
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, Check, attach_json, attach_text, table
-from opsdrill_pytest.targets import PgBackupTarget
+
+if TYPE_CHECKING:  # the facade, for annotations; the plugin loads it with the targets
+    from opsdrill.backups.drill import DrillReport
+    from opsdrill_pytest.targets import PgBackupTarget
 
 SANDBOX_GUARD = Check(
     "pg.drill.sandbox_guard",
@@ -41,6 +36,8 @@ pytestmark = [pytest.mark.backups, pytest.mark.drill]
 def _report(pg_target: PgBackupTarget, check: Check) -> DrillReport:
     """The one drill of this run (the facade runs it once per process): every drill check
     attaches the same "drill" evidence, which names the scratch database it restored."""
+    from opsdrill.backups.sandbox_guard import SandboxUnproven
+
     try:
         report = pg_target.drill()
         attach_json("drill", report.evidence())
@@ -60,6 +57,16 @@ def check_sandbox_is_not_production(pg_target: PgBackupTarget) -> None:
     when its identity cannot be established. The live server need not answer: the newest
     manifest names production's identity (then the evidence says live was not compared).
     """
+    from opsdrill.backups.backup import live_endpoint
+    from opsdrill.backups.drill import pick_for_drill
+    from opsdrill.backups.sandbox_guard import (
+        SandboxIsProduction,
+        SandboxRefused,
+        guard_manifests,
+        guard_sandbox,
+        sandbox_endpoint,
+    )
+
     allure.dynamic.title(f"{pg_target.name} drill sandbox is not the live server")
     box = pg_target.db.sandbox
     if box is not None and box.container is not None:

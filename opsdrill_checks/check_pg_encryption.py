@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import allure
 import pytest
 
 from opsdrill.backups.verdicts import encryption_findings
 from opsdrill.gpg import GpgHome, inspect
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, Check, attach_json
-from opsdrill_pytest.targets import PgBackupTarget
+
+if TYPE_CHECKING:  # the facade, for annotations; the plugin loads it with the targets
+    from opsdrill_pytest.targets import PgBackupTarget
 
 ENCRYPTION = Check(
     "pg.backup.encryption",

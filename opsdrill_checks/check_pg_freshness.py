@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import allure
 import pytest
 
 from opsdrill.backups.verdicts import freshness
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, Check, attach_json
-from opsdrill_pytest.targets import PgBackupTarget
+
+if TYPE_CHECKING:  # the facade, for annotations; the plugin loads it with the targets
+    from opsdrill_pytest.targets import PgBackupTarget
 
 FRESHNESS = Check(
     "pg.backup.freshness",

@@ -5,13 +5,15 @@ shows here before it breaks the next hourly backup."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import allure
 import pytest
 
-from opsdrill.backups import preflight
-from opsdrill.backups.backup import live_endpoint
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, Check, attach_json
-from opsdrill_pytest.targets import PgBackupTarget
+
+if TYPE_CHECKING:  # the facade, for annotations; the plugin loads it with the targets
+    from opsdrill_pytest.targets import PgBackupTarget
 
 PRIVILEGES = Check(
     "pg.backup.privileges",
@@ -26,6 +28,9 @@ pytestmark = pytest.mark.backups
 
 @PRIVILEGES
 def check_backup_role_can_read_everything(pg_target: PgBackupTarget) -> None:
+    from opsdrill.backups import preflight
+    from opsdrill.backups.backup import live_endpoint
+
     endpoint = live_endpoint(pg_target.inv, pg_target.name)
     role = endpoint.params.get("user", "the connecting role")
     allure.dynamic.title(

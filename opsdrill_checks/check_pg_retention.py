@@ -9,15 +9,17 @@ host clock that disagrees with the store's makes every age wrong, so the check i
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import allure
 import pytest
 
 from opsdrill.backups.catalog import BackupRef
-from opsdrill.backups.prune import ClockSkew, examine, policy_for
 from opsdrill.backups.retention import audit
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, Check, attach_json, attach_text
-from opsdrill_pytest.targets import PgBackupTarget
+
+if TYPE_CHECKING:  # the facade, for annotations; the plugin loads it with the targets
+    from opsdrill_pytest.targets import PgBackupTarget
 
 RETENTION = Check(
     "pg.backup.retention",
@@ -33,6 +35,8 @@ pytestmark = pytest.mark.backups
 
 @RETENTION
 def check_retention_matches_policy(pg_target: PgBackupTarget) -> None:
+    from opsdrill.backups.prune import ClockSkew, examine, policy_for
+
     policy = policy_for(pg_target.inv)
     allure.dynamic.title(
         f"{pg_target.name} keeps {policy.hourly_days} days hourly and "

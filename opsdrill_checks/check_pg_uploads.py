@@ -9,13 +9,16 @@ them; this check catches the case where there is no next backup, or it cannot.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import allure
 import pytest
 
-from opsdrill.backups import catalog, uploads
+from opsdrill.backups import catalog
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, SHOWN, Check, attach_json
-from opsdrill_pytest.targets import PgBackupTarget
+
+if TYPE_CHECKING:  # the facade, for annotations; the plugin loads it with the targets
+    from opsdrill_pytest.targets import PgBackupTarget
 
 DANGLING = Check(
     "pg.backup.dangling_uploads",
@@ -30,6 +33,8 @@ pytestmark = pytest.mark.backups
 
 @DANGLING
 def check_no_dangling_uploads(pg_target: PgBackupTarget) -> None:
+    from opsdrill.backups import uploads
+
     hours = uploads.DANGLING_AFTER.total_seconds() / 3600
     allure.dynamic.title(f"{pg_target.name}: no multipart upload open for more than {hours:g} h")
     now = datetime.now(UTC)

@@ -6,14 +6,17 @@ Evidence and messages carry key names and salted fingerprints only, never values
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import allure
 import pytest
 
 from opsdrill.errors import OperationFailed
-from opsdrill.secrets import bundle
 from opsdrill_pytest.checks import RUNBOOK_BACKUP, Check, attach_json
-from opsdrill_pytest.files import BundleTarget, age_minutes
+
+if TYPE_CHECKING:  # for annotations; the S3 and PostgreSQL clients load when a check runs
+    from opsdrill.secrets import bundle
+    from opsdrill_pytest.files import BundleTarget
 
 RUNBOOK = f"{RUNBOOK_BACKUP}#secrets-bundle"
 FRESH = Check("secrets.bundle.freshness", "critical", RUNBOOK, "backups", "secrets bundle")
@@ -35,6 +38,8 @@ def _newest(target: BundleTarget, check: Check) -> tuple[bundle.BundleRef, bundl
 def check_newest_bundle_is_fresh(bundle_target: BundleTarget) -> None:
     rpo = bundle_target.cfg.rpo_minutes
     allure.dynamic.title(f"{bundle_target.name} secrets bundle is younger than {rpo:g} min")
+    from opsdrill_pytest.files import age_minutes
+
     ref, manifest = _newest(bundle_target, FRESH)
     age = age_minutes(ref.taken_at, datetime.now(UTC))
     attach_json(
@@ -55,6 +60,8 @@ def check_newest_bundle_is_fresh(bundle_target: BundleTarget) -> None:
 
 @DECRYPTS
 def check_bundle_decrypts_with_drill_key(bundle_target: BundleTarget) -> None:
+    from opsdrill.secrets import bundle
+
     allure.dynamic.title(f"{bundle_target.name} secrets bundle decrypts with the drill key")
     ref, manifest = _newest(bundle_target, DECRYPTS)
     try:
@@ -75,6 +82,8 @@ def check_bundle_decrypts_with_drill_key(bundle_target: BundleTarget) -> None:
 
 @KEY_MATCH
 def check_encryption_key_matches_live(bundle_target: BundleTarget) -> None:
+    from opsdrill.secrets import bundle
+
     keys = bundle_target.cfg.fingerprint_keys
     allure.dynamic.title(f"{bundle_target.name} backed-up {', '.join(keys)} equals the live one")
     if not keys:  # nothing to compare: never a pass
@@ -105,6 +114,8 @@ def check_encryption_key_matches_live(bundle_target: BundleTarget) -> None:
 
 @REQUIRED
 def check_required_keys_present(bundle_target: BundleTarget) -> None:
+    from opsdrill.secrets import bundle
+
     required = bundle_target.cfg.required_keys
     allure.dynamic.title(f"{bundle_target.name} secrets bundle holds {', '.join(required)}")
     if not required:  # nothing to look for: never a pass
