@@ -9,6 +9,7 @@ process, as a user's run starts, and list what it loaded.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def _loaded_by(tmp_path: Path, *args: str) -> list[str]:
             *("-p", "loaded_reporter", "-p", "no:cacheprovider", "-q", "-s", *args),
         ],
         cwd=ROOT,
-        env={**_env(), "PYTHONPATH": str(tmp_path)},
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -63,12 +64,6 @@ def _loaded_by(tmp_path: Path, *args: str) -> list[str]:
     assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
     loaded: list[str] = json.loads(line.removeprefix("LOADED="))
     return loaded
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def test_collecting_every_check_for_a_dns_only_inventory_loads_no_other_client(
