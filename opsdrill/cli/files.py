@@ -14,7 +14,7 @@ from opsdrill.cli.common import inventory_for
 from opsdrill.errors import ConfigError
 
 if TYPE_CHECKING:
-    from opsdrill.files.mirror import MirrorSummary
+    from opsdrill.files.copying import MirrorSummary
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 
 def cmd_mirror_restore(args: argparse.Namespace) -> int:
-    from opsdrill.files.mirror import restore_mirror
+    from opsdrill.files.restore import restore_mirror
 
     inv = inventory_for(args, scope="store")
     inv.mirror(args.mirror)

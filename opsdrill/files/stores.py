@@ -15,13 +15,8 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 from opsdrill.config.inventory import Inventory, Mirror, Store
-from opsdrill.files.mirror import (
-    INDEX_PREFIX,
-    MirrorSummary,
-    normalise_prefix,
-    object_sha256,
-    run_mirror,
-)
+from opsdrill.files.copying import INDEX_PREFIX, MirrorSummary, normalise_prefix, object_sha256
+from opsdrill.files.mirror import run_mirror
 from opsdrill.files.s3_exact import exact_client
 from opsdrill.s3 import S3_ERRORS, store_call, unreachable
 

@@ -33,14 +33,23 @@ from minio.versioningconfig import VersioningConfig
 
 from opsdrill.config.inventory import Inventory, load
 from opsdrill.errors import ConfigError, OperationFailed, RefusedError, TargetUnreachable
-from opsdrill.files import mirror, s3_exact, spool
-from opsdrill.files.mirror import SHA_META, MirrorSummary, restore_mirror, run_mirror, target_key
+from opsdrill.files import copying, mirror, s3_exact, spool
+from opsdrill.files.copying import SHA_META, MirrorSummary
+from opsdrill.files.mirror import run_mirror, target_key
+from opsdrill.files.restore import restore_mirror
 from opsdrill_stack.procs import free_port
 from opsdrill_stack.s3server import S3Server
 
 LIVE, OFFSITE, RESTORED, PLAIN = "live-files", "offsite-files", "restored-files", "plain-offsite"
 MiB = 1024 * 1024
 CANARY = ".opsdrill-canary/"
+
+
+def _small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts of 5 MiB (S3's smallest), for the mirror's read and its upload alike: a few
+    MiB then take the paths of an object over one part."""
+    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)
+    monkeypatch.setattr(copying, "PART_SIZE", 5 * MiB)
 
 
 def sha(body: bytes) -> str:
@@ -330,7 +339,7 @@ def test_a_failing_object_is_reported_after_copying_the_others(
 def test_a_change_during_the_upload_pass_removes_the_bad_copy(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)  # so 6 MiB takes the streaming path
+    _small_parts(monkeypatch)  # so 6 MiB takes the streaming path
     monkeypatch.setattr(spool, "room_for", lambda size: False)  # read twice, not spooled
     inv = world.inventory("race")
     world.seed("race", {"blob": os.urandom(6 * MiB)})
@@ -348,7 +357,7 @@ def test_a_change_during_the_upload_pass_removes_the_bad_copy(
 def test_memory_stays_flat_for_a_large_object(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)
+    _small_parts(monkeypatch)
     inv = world.inventory("mem")
     blob = os.urandom(24 * MiB)
     world.live.put_object(LIVE, "mem/blob", io.BytesIO(blob), len(blob), part_size=5 * MiB)
@@ -421,7 +430,7 @@ def test_summary_line_and_prefixes() -> None:
     # an object at fault is a failure (1); objects a store failed alone: could not do it (2)
     assert MirrorSummary("files", errors=["a: x", "b: y"], store_errors=1).exit_code == 1
     assert MirrorSummary("files", errors=["a: x"], store_errors=1).exit_code == 2
-    assert [mirror.normalise_prefix(p) for p in ("", "/", "files", "files/", "/a/b/")] == [
+    assert [copying.normalise_prefix(p) for p in ("", "/", "files", "files/", "/a/b/")] == [
         "",
         "",
         "files/",
@@ -487,7 +496,7 @@ def boto_read_all(s3: Any, bucket: str, prefix: str) -> dict[str, bytes]:
 def test_keys_with_dot_segments_are_mirrored_and_restored_exactly(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)  # the big one goes multipart
+    _small_parts(monkeypatch)  # the big one goes multipart
     live = boto(world.live_endpoint, world, "LIVE")
     offsite = boto(world.offsite_endpoint, world, "OFFSITE")
     data = DOT_KEYS | {"big/./blob.bin": os.urandom(11 * MiB)}
@@ -625,7 +634,7 @@ def test_an_object_over_one_part_is_read_once_through_a_private_spool(
 ) -> None:
     """The sha256 must be in the metadata before the upload starts: the object is spooled
     while hashed (0600, in the run's 0700 directory) and sent from there, then removed."""
-    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)
+    _small_parts(monkeypatch)
     inv = world.inventory("spool")
     blob = os.urandom(12 * MiB)
     world.live.put_object(LIVE, "spool/blob", io.BytesIO(blob), len(blob), part_size=5 * MiB)
@@ -652,7 +661,7 @@ def test_an_object_over_one_part_is_read_once_through_a_private_spool(
 def test_without_room_to_spool_an_object_is_read_twice_and_copied_right(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mirror, "PART_SIZE", 5 * MiB)
+    _small_parts(monkeypatch)
     monkeypatch.setattr(spool, "RESERVE_BYTES", 2**62)  # no filesystem keeps that free
     inv = world.inventory("noroom")
     blob = os.urandom(6 * MiB)
